@@ -1,0 +1,164 @@
+"""Layering of ``.env`` presets over an environment, with the provenance of every value.
+
+Order (lowest first): ``defaults.env`` < the named preset < the shell.  With ``force=True`` the shell
+drops below the presets, except for secrets that the shell already sets (they are kept).
+``${VAR}`` references in preset values resolve against the final layered values, so an exported
+``MODEL_ID`` moves ``MODEL_DIR=./model/${MODEL_ID}`` with it.  Single-quoted preset values are literal.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from dotenv.parser import parse_stream
+
+PRESET_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = PRESET_DIR.parent
+DEFAULTS = "defaults"
+SECRETS = frozenset({"MODELSCOPE_API_TOKEN", "ADMIN_TOKEN"})
+
+_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class PresetError(Exception):
+    """A preset that does not exist or cannot be parsed (the launcher exits with code 2)."""
+
+
+@dataclass(frozen=True)
+class Value:
+    """One effective variable: its value, where it came from, and the preset value it shadows."""
+
+    key: str
+    value: str
+    source: str  # "shell", "defaults.env" or "<name>.env"
+    shadowed: str | None = None  # the preset's value when the shell's differs from it
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``env/`` (``defaults`` first)."""
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.env") if p.stem != DEFAULTS)
+    return [DEFAULTS, *names]
+
+
+def read_preset(name: str) -> dict[str, tuple[str, bool]]:
+    """Parse ``env/<name>.env`` into ``{key: (value, literal)}``; ``literal`` marks single quotes.
+
+    Raises PresetError naming the file and line for an unknown preset or an unparsable line.
+    """
+    path = PRESET_DIR / f"{name}.env"
+    if not path.is_file():
+        raise PresetError(f"unknown preset {name!r}: choose one of {', '.join(preset_names())} (files in {PRESET_DIR})")
+    values: dict[str, tuple[str, bool]] = {}
+    with path.open(encoding="utf-8") as stream:
+        for binding in parse_stream(stream):
+            if binding.error:
+                line = binding.original.line
+                text = binding.original.string.strip()
+                raise PresetError(f"{path}:{line}: cannot parse {text!r}; expected KEY=value")
+            if binding.key is None:
+                continue  # comment or blank line
+            raw = binding.original.string.split("=", 1)[1].strip() if "=" in binding.original.string else ""
+            values[binding.key] = (binding.value or "", raw.startswith("'"))
+    return values
+
+
+def _interpolate(key: str, final: dict[str, str], raw: dict[str, str], literal: set[str], seen: frozenset[str]) -> str:
+    text = raw[key]
+    if key in literal or "${" not in text:
+        return text
+
+    def sub(match: re.Match[str]) -> str:
+        name, fallback = match.group(1), match.group(2)
+        if name in seen:
+            raise PresetError(f"{key}: circular reference through ${{{name}}}")
+        if name in raw:
+            value = _interpolate(name, final, raw, literal, seen | {name})
+        else:
+            value = final.get(name, "")
+        return value if value or fallback is None else fallback
+
+    return _REF.sub(sub, text)
+
+
+def layer(environ: Mapping[str, str], preset: str | None = None, force: bool = False) -> dict[str, Value]:
+    """The effective value of every preset variable, in preset order, with provenance.
+
+    ``environ`` is the shell environment (never modified).  Only variables that a preset names are
+    returned; other shell variables are the caller's business.
+    """
+    layers = [(f"{DEFAULTS}.env", read_preset(DEFAULTS))]
+    if preset and preset != DEFAULTS:
+        layers.append((f"{preset}.env", read_preset(preset)))
+
+    preset_value: dict[str, str] = {}
+    preset_source: dict[str, str] = {}
+    literal: set[str] = set()
+    for source, values in layers:
+        for key, (value, is_literal) in values.items():
+            preset_value[key] = value
+            preset_source[key] = source
+            literal.discard(key)
+            if is_literal:
+                literal.add(key)
+
+    raw: dict[str, str] = {}
+    source: dict[str, str] = {}
+    for key, value in preset_value.items():
+        in_shell = key in environ
+        shell_wins = in_shell and (not force or (key in SECRETS and environ[key] != ""))
+        if shell_wins:
+            raw[key], source[key] = environ[key], "shell"
+        else:
+            raw[key], source[key] = value, preset_source[key]
+
+    # Shell values are final as given; preset values may refer to any final value.
+    shell_keys = {k for k, s in source.items() if s == "shell"}
+    final: dict[str, str] = {k: raw[k] for k in shell_keys}
+    final.update({k: v for k, v in environ.items() if k not in raw})
+    preset_raw = {k: v for k, v in raw.items() if k not in shell_keys}
+    for key in preset_raw:
+        final[key] = _interpolate(key, final, preset_raw, literal, frozenset({key}))
+
+    result: dict[str, Value] = {}
+    for key in preset_value:
+        shadowed = None
+        if source[key] == "shell":
+            expected = _interpolate(key, final, {**preset_raw, key: preset_value[key]}, literal, frozenset({key}))
+            if expected != final[key]:
+                shadowed = expected
+        result[key] = Value(key, final[key], source[key], shadowed)
+    return result
+
+
+def render_export(values: Mapping[str, Value], show_secrets: bool = False) -> str:
+    """``export KEY='value'`` lines that bash and direnv read back exactly (secrets omitted unless asked)."""
+    lines = []
+    for key, item in values.items():
+        if key in SECRETS and not show_secrets:
+            continue
+        lines.append(f"export {key}={shlex.quote(item.value) if item.value else chr(39) * 2}")
+    return "\n".join(lines) + "\n"
+
+
+def render_explain(values: Mapping[str, Value]) -> str:
+    """One line per variable: value, source, and a warning where a shell value shadows a preset."""
+    width = max((len(k) for k in values), default=0)
+    lines = []
+    for key, item in values.items():
+        shown = "***" if key in SECRETS and item.value else item.value
+        line = f"{key:<{width}}  {shown!r:<40}  from {item.source}"
+        if item.shadowed is not None:
+            hidden = "***" if key in SECRETS else repr(item.shadowed)
+            line += f"  (shadows preset value {hidden}: the shell overrides it; `--force` restores it)"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def resolve_path(value: str) -> Path:
+    """A path from a variable: relative paths are relative to the project root, not the cwd."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (PROJECT_ROOT / path).resolve()
