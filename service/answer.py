@@ -1,0 +1,60 @@
+"""Questions in, answers out: formatting, routing, one engine submission, post-processing."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from service.engine import Engine, Item
+from service.prompting import Formatter, Overrides, Planner
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+@dataclass(slots=True)
+class Answers:
+    texts: list[str]
+    errors: list[tuple[int, str]]
+    tokens: int
+
+
+class Answerer:
+    """Built once the engine is up (it needs the tokenizer); the system prompt can be replaced."""
+
+    def __init__(self, settings: Settings, engine: Engine, system_prompt: str):
+        from service.vllm_engine import stop_token_ids
+
+        self.settings = settings
+        self.engine = engine
+        self.stop_ids = stop_token_ids(engine.tokenizer)
+        self.planner = self._planner(system_prompt)
+        log.info("chat formatting: %s", "fast <|im_start|> path (byte-identical to the template)"
+                 if self.planner.formatter.fast else "the tokenizer's chat template")
+
+    def _planner(self, system_prompt: str) -> Planner:
+        return Planner(self.settings, Formatter(self.engine.tokenizer, system_prompt), self.stop_ids)
+
+    @property
+    def system_prompt(self) -> str:
+        return self.planner.formatter.system
+
+    def set_system_prompt(self, text: str) -> None:
+        self.planner = self._planner(text)
+
+    async def answer(self, questions: list[str], overrides: Overrides = Overrides()) -> Answers:
+        planner = self.planner
+        plans = planner.plan(questions, overrides)
+        outcomes = await self.engine.generate([Item(p.prompt, p.sampling) for p in plans])
+        texts: list[str] = []
+        errors: list[tuple[int, str]] = []
+        tokens = 0
+        post = planner.post
+        for index, (question, plan, outcome) in enumerate(zip(questions, plans, outcomes, strict=True)):
+            if outcome.error is not None:
+                errors.append((index, outcome.error))
+                texts.append("")
+                continue
+            tokens += outcome.tokens
+            texts.append(post(question, outcome.text, plan.short))
+        return Answers(texts, errors, tokens)

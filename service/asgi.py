@@ -1,0 +1,43 @@
+"""The uvicorn entry point: ``uvicorn service.asgi:create_app_from_env --factory``.
+
+Settings are read from the environment here, once; an invalid value or a backend that cannot be
+imported stops start-up with a clear message (exit code 2 or 3) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from litestar import Litestar
+
+from service.app import create_app
+from service.engine import EngineUnavailable, build_engine
+from service.settings import Settings, SettingsError
+
+log = logging.getLogger("service")
+
+
+def configure_logging(level: str) -> None:
+    """``[service]``-prefixed lines on stderr (uvicorn keeps its own loggers)."""
+    logging.basicConfig(level=level.upper() if level != "trace" else "DEBUG",
+                        format="%(asctime)s %(levelname)s [service] %(message)s", stream=sys.stderr)
+
+
+def create_app_from_env() -> Litestar:
+    """Build settings from ``os.environ`` and the app around the chosen engine."""
+    try:
+        settings = Settings.from_environ(os.environ)
+    except SettingsError as exc:
+        configure_logging("info")
+        log.error("%s", exc)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level)
+    try:
+        engine = build_engine(settings)
+    except EngineUnavailable as exc:
+        log.error("%s", exc)
+        raise SystemExit(3) from None
+    log.info("backend %s, model %s", engine.name, settings.model_dir)
+    return create_app(settings, engine)

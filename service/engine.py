@@ -1,0 +1,133 @@
+"""The engine layer: a small protocol, and the choice of backend (explicit, never a silent fallback).
+
+``USE_VLLM=true`` means vLLM or a start-up error that says why; ``false`` means the transformers
+backend; ``auto`` tries vLLM and, when it cannot be imported, uses transformers and says so in the log,
+``GET /info`` and health.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+class EngineUnavailable(RuntimeError):
+    """The chosen backend cannot be imported or started; the message says why and what to do."""
+
+
+class EngineDead(RuntimeError):
+    """The engine stopped working while serving; requests get HTTP 503."""
+
+
+@dataclass(slots=True)
+class Item:
+    """One question for the engine: its chat-formatted prompt and ``SamplingParams`` keyword arguments."""
+
+    prompt: str
+    sampling: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The engine's answer to one item: text and generated-token count, or an error message."""
+
+    text: str = ""
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters the engine layer keeps for /metrics (the engine's own scheduler numbers included)."""
+
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    running: int = 0
+    peak_running: int = 0
+    waiting: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def enter(self, n: int = 1) -> None:
+        self.in_flight += n
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def leave(self, n: int = 1) -> None:
+        self.in_flight -= n
+
+    def scheduler(self, running: int, waiting: int) -> None:
+        self.running, self.waiting = running, waiting
+        self.peak_running = max(self.peak_running, running)
+
+
+class Engine(Protocol):
+    """What the app needs from a backend."""
+
+    name: str
+    notice: str | None  # set when the backend was chosen by fallback (USE_VLLM=auto)
+    stats: EngineStats
+
+    def check(self) -> None:
+        """Import the backend now (fast); raise EngineUnavailable with the reason."""
+
+    async def start(self) -> None:
+        """Load the model; afterwards ``tokenizer`` is set."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def alive(self) -> str | None:
+        """None when healthy, else why not."""
+
+    async def generate(self, items: list[Item]) -> list[Outcome]:
+        """Answer every item, each on its own: a bad item gets ``Outcome.error``; EngineDead fails all."""
+
+    async def shutdown(self) -> None:
+        """Stop the engine and every process it started."""
+
+
+def _importable(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The backend USE_VLLM asks for (not started yet); see ``Engine.check``."""
+    backend = settings.backend
+    if backend in ("vllm", "auto"):
+        from service.vllm_engine import VllmEngine
+
+        engine: Engine = VllmEngine(settings)
+        if backend == "vllm":
+            return engine
+        try:
+            engine.check()
+        except EngineUnavailable as exc:
+            from service.hf_engine import TransformersEngine
+
+            fallback = TransformersEngine(settings)
+            fallback.notice = f"USE_VLLM=auto: vLLM unavailable ({exc}); serving with transformers (slow)"
+            log.warning("%s", fallback.notice)
+            return fallback
+        return engine
+    from service.hf_engine import TransformersEngine
+
+    return TransformersEngine(settings)
+
+
+def require_import(module: str, backend: str, hint: str) -> None:
+    """Raise EngineUnavailable naming the backend, the import error and what to do."""
+    problem = _importable(module)
+    if problem is not None:
+        raise EngineUnavailable(f"{backend} cannot be imported ({problem}). {hint}")

@@ -1,0 +1,310 @@
+"""The service's settings: one typed, frozen object built once from the environment at start-up.
+
+This is the only module of the service that reads the process environment (``Settings.from_environ``).
+Defaults are not written here: a variable missing from the environment takes its value from
+``env/defaults.env`` (the single source), so the service started by hand and the service started by
+``inv run`` agree.  Every invalid value is reported at once, naming the variable, the value and what is
+allowed; nothing is silently replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from env import SECRETS, layer, resolve_path
+
+log = logging.getLogger("service")
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
+
+
+class SettingsError(ValueError):
+    """One or more invalid variables; ``str()`` lists each with its value and what is allowed."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid settings:\n  " + "\n  ".join(problems))
+
+
+# --- parsers: each takes the raw string and returns the value or raises ValueError("allowed: ...") ---
+
+def _bool(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in TRUE:
+        return True
+    if low in FALSE:
+        return False
+    raise ValueError("allowed: 1/0, true/false, yes/no, on/off")
+
+
+def _int(lo: int | None = None, hi: int | None = None, optional: bool = False) -> Callable[[str], int | None]:
+    def parse(raw: str) -> int | None:
+        if optional and raw.strip() == "":
+            return None
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"allowed: an integer{_range(lo, hi)}{' or empty' if optional else ''}") from None
+        _check(value, lo, hi, optional)
+        return value
+
+    return parse
+
+
+def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"allowed: a number{_range(lo, hi, lo_open)}") from None
+        if not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo)) or (
+            hi is not None and value > hi
+        ):
+            raise ValueError(f"allowed: a number{_range(lo, hi, lo_open)}")
+        return value
+
+    return parse
+
+
+def _range(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f" in {'(' if lo_open else '['}{lo}, {hi}]"
+    if lo is not None:
+        return f" {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+def _check(value: float, lo: float | None, hi: float | None, optional: bool = False) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"allowed: an integer{_range(lo, hi)}{' or empty' if optional else ''}")
+
+
+def _choice(*choices: str, optional: bool = False) -> Callable[[str], str | None]:
+    def parse(raw: str) -> str | None:
+        value = raw.strip().lower()
+        if optional and value == "":
+            return None
+        if value not in choices:
+            raise ValueError(f"allowed: {', '.join(choices)}{' or empty' if optional else ''}")
+        return value
+
+    return parse
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(item for item in (part.strip() for part in raw.split(",")) if item)
+
+
+def _stop_list(raw: str) -> tuple[str, ...]:
+    # Stop strings are kept verbatim apart from surrounding spaces; "\n" escapes are understood.
+    return tuple(item.replace("\\n", "\n") for item in (part.strip() for part in raw.split(",")) if item)
+
+
+def _path(raw: str) -> Path:
+    if raw.strip() == "":
+        raise ValueError("allowed: a path (relative paths are relative to the project root)")
+    return resolve_path(raw.strip())
+
+
+def _optional_path(raw: str) -> Path | None:
+    return resolve_path(raw.strip()) if raw.strip() else None
+
+
+def _level(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in {"critical", "error", "warning", "info", "debug", "trace"}:
+        raise ValueError("allowed: critical, error, warning, info, debug, trace")
+    return value
+
+
+def var(parse: Callable[[str], Any], doc: str, *, secret: bool = False) -> Any:
+    """A settings field read from the variable of the same name in upper case."""
+    return field(metadata={"parse": parse, "doc": doc, "secret": secret})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every variable of SPEC section 2, plus the vLLM and server knobs; defaults in env/defaults.env."""
+
+    # server
+    host: str = var(_text, "Address the server binds.")
+    port: int = var(_int(1, 65535), "Port the server binds (the evaluation harness uses 8000).")
+    log_level: str = var(_level, "Log level of the service.")
+    shutdown_timeout: int = var(_int(0, 3600), "Seconds in-flight requests may run on after SIGTERM.")
+    admin_token: str = var(_text, "Token for POST /system_prompt; empty: loopback clients only.", secret=True)
+    max_request_bytes: int = var(_int(1024), "Largest accepted request body in bytes.")
+    max_batch_questions: int = var(_int(1), "Most questions in one request.")
+    # model
+    model_id: str = var(_text, "ModelScope model id, or `demo` for the local tiny model.")
+    model_revision: str = var(_text, "Model revision (branch or tag).")
+    model_dir: Path = var(_path, "Directory of the model to serve.")
+    modelscope_api_token: str = var(_text, "ModelScope token (empty: anonymous).", secret=True)
+    # speculative decoding
+    enable_speculative_decoding: bool = var(_bool, "Turn on speculative decoding.")
+    spec_method: str = var(_choice("ngram", "draft_model", "eagle", "eagle3", "medusa", "mlp_speculator", "mtp"),
+                           "Speculative method.")
+    spec_num_speculative_tokens: int = var(_int(1, 64), "Tokens proposed per step.")
+    spec_ngram_lookup_max: int = var(_int(1, 64), "Largest n-gram matched (ngram method).")
+    spec_ngram_lookup_min: int = var(_int(1, 64), "Smallest n-gram matched (ngram method).")
+    spec_draft_model_id: str = var(_text, "Draft model id (draft-model methods).")
+    spec_draft_model_revision: str = var(_text, "Draft model revision.")
+    spec_draft_model_dir: Path = var(_path, "Directory of the draft model.")
+    spec_draft_optional: bool = var(_bool, "A missing draft is a warning (speculation off) rather than an error.")
+    # engine
+    use_vllm: str = var(_choice("true", "false", "auto", "1", "0"),
+                        "true: vLLM or a start-up error; false: transformers; auto: vLLM else transformers.")
+    gpu_memory_utilization: float = var(_float(0.0, 1.0, lo_open=True),
+                                        "Fraction of GPU memory for the engine (on the CPU: of host RAM for KV).")
+    dtype: str = var(_choice("auto", "float16", "bfloat16", "float32", "half", "float"), "vLLM weight dtype.")
+    transformers_dtype: str = var(_choice("auto", "float16", "bfloat16", "float32"), "transformers weight dtype.")
+    max_model_len: int = var(_int(16, 1_048_576), "Context length (prompt + answer) in tokens.")
+    enable_prefix_caching: bool = var(_bool, "vLLM prefix caching (the system prompt is shared).")
+    vllm_quantization: str | None = var(_optional_text, "vLLM quantization method (empty: none).")
+    vllm_kv_cache_dtype: str | None = var(_optional_text, "KV-cache dtype (empty: the engine's).")
+    vllm_load_format: str = var(_text, "vLLM load format.")
+    vllm_max_num_seqs: int | None = var(_int(1, 65536, optional=True), "Most sequences per engine step.")
+    vllm_max_num_batched_tokens: int | None = var(_int(1, 10_000_000, optional=True), "Token budget per step.")
+    tensor_parallel_size: int = var(_int(1, 1024), "Tensor-parallel GPUs.")
+    pipeline_parallel_size: int = var(_int(1, 1024), "Pipeline-parallel stages.")
+    data_parallel_size: int = var(_int(1, 1024), "Data-parallel engine replicas.")
+    distributed_executor_backend: str | None = var(_choice("mp", "ray", "uni", "external_launcher", optional=True),
+                                                   "Executor for several GPUs/hosts (empty: the engine decides).")
+    enforce_eager: bool = var(_bool, "Disable CUDA graphs.")
+    vllm_max_cudagraph_capture_size: int | None = var(_int(1, 65536, optional=True),
+                                                      "Largest batch captured as a CUDA graph.")
+    pretokenize: bool = var(_bool, "Tokenise prompts in one batch in the API process and pass token ids.")
+    seed: int = var(_int(0), "Engine random seed.")
+    # batch
+    batch_mode: bool = var(_bool, "Health says `batch`: the harness posts all questions at once.")
+    batch_concurrency: int = var(_int(1, 1_000_000), "Most questions in the engine at once, over all requests.")
+    vllm_batch_use_llm: bool = var(_bool, "Compatibility: list requests always go to the engine in one submission.")
+    # decoding
+    temperature: float = var(_float(0.0, 5.0), "Sampling temperature (0 = greedy).")
+    top_p: float = var(_float(0.0, 1.0, lo_open=True), "Nucleus sampling mass.")
+    top_k: int = var(_int(-1, 1_000_000), "Top-k (-1 or 0: off).")
+    repetition_penalty: float = var(_float(0.0, 10.0, lo_open=True), "Repetition penalty (1 = off).")
+    frequency_penalty: float = var(_float(-2.0, 2.0), "Frequency penalty (0 = off).")
+    # length / routing
+    max_new_tokens: int = var(_int(1, 1_048_576), "Answer budget of ordinary questions.")
+    disable_token_routing: bool = var(_bool, "Give every question MAX_NEW_TOKENS.")
+    max_new_tokens_code: int = var(_int(1, 1_048_576), "Budget of long-answer questions.")
+    max_new_tokens_code_hard: int = var(_int(1, 1_048_576), "Budget of hard code questions.")
+    max_new_tokens_code_soft: int = var(_int(1, 1_048_576), "Budget of code questions.")
+    hard_code_min_hits: int = var(_int(1, 100), "Hard-code signals needed to route a question as hard code.")
+    long_answer_enable_default: bool = var(_bool, "Use the built-in long-answer keywords.")
+    long_answer_min_hits: int = var(_int(1, 100), "Long-answer keywords needed to route a question as long.")
+    hard_code_question_keywords: tuple[str, ...] = var(_list, "Extra hard-code signals (comma-separated).")
+    long_answer_keywords: tuple[str, ...] = var(_list, "Extra long-answer keywords (comma-separated).")
+    code_question_keywords: tuple[str, ...] = var(_list, "Extra code-question keywords (comma-separated).")
+    # stop
+    stop_strings: tuple[str, ...] = var(_stop_list, "Stop strings (comma-separated).")
+    stop_on_double_newline: bool = var(_bool, "Also stop at a blank line (put first).")
+    # output
+    output_trim_examples: bool = var(_bool, "Cut short answers before 例如：/比如：/举例来说：/举例：.")
+    output_max_sentences: int = var(_int(), "Sentences kept in short answers (clamped to 1..12).")
+    # system prompt
+    system_prompt: str = var(_text, "Default system prompt.")
+    system_prompt_file: Path | None = var(_optional_path, "File whose text replaces SYSTEM_PROMPT.")
+    # warmup
+    warmup_data_path: Path | None = var(_optional_path, "Warmup questions (jsonl/json); a missing file: no warmup.")
+    warmup_num_samples: int = var(_int(0), "Warmup questions taken from the file.")
+    warmup_repeat: int = var(_int(0, 100), "Passes over the warmup questions.")
+    # process
+    omp_num_threads: int = var(_int(1, 4096), "OpenMP threads (CPU engine and torch).")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Settings:
+        """Parse every field from ``environ``, taking missing variables from env/defaults.env."""
+        values = {key: item.value for key, item in layer(environ).items()}
+        problems: list[str] = []
+        parsed: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f.name.upper()
+            if name not in values:
+                problems.append(f"{name} is missing from env/defaults.env (a bug: every setting needs a default)")
+                continue
+            raw = values[name]
+            try:
+                parsed[f.name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                shown = "***" if f.metadata["secret"] else repr(raw)
+                problems.append(f"{name}={shown}: {exc}")
+        if not problems:
+            problems.extend(_cross_checks(parsed))
+        if problems:
+            raise SettingsError(problems)
+        clamped = min(12, max(1, parsed["output_max_sentences"]))
+        if clamped != parsed["output_max_sentences"]:
+            log.warning("OUTPUT_MAX_SENTENCES=%s clamped to %s (allowed 1..12)", parsed["output_max_sentences"], clamped)
+            parsed["output_max_sentences"] = clamped
+        return cls(**parsed)
+
+    @property
+    def backend(self) -> str:
+        """``vllm``, ``transformers`` or ``auto`` as chosen by USE_VLLM."""
+        return {"true": "vllm", "1": "vllm", "false": "transformers", "0": "transformers"}.get(self.use_vllm, "auto")
+
+    def load_system_prompt(self) -> str:
+        """SYSTEM_PROMPT, or the text of SYSTEM_PROMPT_FILE when that is set."""
+        if self.system_prompt_file is None:
+            return self.system_prompt
+        try:
+            return self.system_prompt_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SettingsError([f"SYSTEM_PROMPT_FILE={str(self.system_prompt_file)!r}: cannot read ({exc.strerror})"]) from None
+
+    def public(self) -> dict[str, Any]:
+        """The effective values for GET /info, secrets masked."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"]:
+                value = "***" if value else ""
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name.upper()] = value
+        return out
+
+
+def _cross_checks(p: Mapping[str, Any]) -> list[str]:
+    problems = []
+    if p["spec_ngram_lookup_min"] > p["spec_ngram_lookup_max"]:
+        problems.append(
+            f"SPEC_NGRAM_LOOKUP_MIN={p['spec_ngram_lookup_min']} is larger than "
+            f"SPEC_NGRAM_LOOKUP_MAX={p['spec_ngram_lookup_max']}: allowed MIN <= MAX"
+        )
+    if p["enable_speculative_decoding"] and p["spec_method"] != "ngram" and not p["spec_draft_model_id"]:
+        problems.append(f"SPEC_METHOD={p['spec_method']!r} needs SPEC_DRAFT_MODEL_ID (or use SPEC_METHOD=ngram)")
+    for name in ("max_new_tokens", "max_new_tokens_code", "max_new_tokens_code_hard", "max_new_tokens_code_soft"):
+        if p[name] >= p["max_model_len"]:
+            problems.append(
+                f"{name.upper()}={p[name]} leaves no room for the prompt: allowed < MAX_MODEL_LEN={p['max_model_len']}"
+            )
+    return problems
+
+
+def describe() -> list[tuple[str, str]]:
+    """(variable, documentation) for every setting, for docs and `inv env`."""
+    return [(f.name.upper(), f.metadata["doc"]) for f in dataclasses.fields(Settings)]
+
+
+__all__ = ["SECRETS", "Settings", "SettingsError", "describe"]

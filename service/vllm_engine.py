@@ -1,0 +1,283 @@
+"""vLLM's async engine (V1) behind the service's ``Engine`` protocol.
+
+One ``AsyncLLM`` serves every request: a list request submits all of its questions at once, each with
+its own sampling parameters, and concurrent requests batch together inside the engine (no lock).
+``BATCH_CONCURRENCY`` bounds the questions in flight over all requests.  Prompts are tokenised in one
+batch call per request (the fast tokenizer spreads it over the cores) and passed as token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from service.engine import EngineDead, EngineStats, EngineUnavailable, Item, Outcome, require_import
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+VLLM_HINT = (
+    "USE_VLLM=true requires vLLM: install it (`pip install -r requirements/cpu.txt` on a CPU host, "
+    "requirements/gpu.txt on a GPU host, or `inv run` without --skip-install), or set USE_VLLM=false "
+    "to serve with transformers (slow)."
+)
+
+
+def engine_args(s: Settings) -> dict[str, Any]:
+    """``AsyncEngineArgs`` keyword arguments from the settings (shared with the benchmark's ceiling)."""
+    args: dict[str, Any] = {
+        "model": str(s.model_dir),
+        "dtype": s.dtype,
+        "max_model_len": s.max_model_len,
+        "gpu_memory_utilization": s.gpu_memory_utilization,
+        "enable_prefix_caching": s.enable_prefix_caching,
+        "load_format": s.vllm_load_format,
+        "tensor_parallel_size": s.tensor_parallel_size,
+        "pipeline_parallel_size": s.pipeline_parallel_size,
+        "data_parallel_size": s.data_parallel_size,
+        "enforce_eager": s.enforce_eager,
+        "seed": s.seed,
+    }
+    optional = {
+        "quantization": s.vllm_quantization,
+        "kv_cache_dtype": s.vllm_kv_cache_dtype,
+        "max_num_seqs": s.vllm_max_num_seqs,
+        "max_num_batched_tokens": s.vllm_max_num_batched_tokens,
+        "distributed_executor_backend": s.distributed_executor_backend,
+        "max_cudagraph_capture_size": s.vllm_max_cudagraph_capture_size,
+    }
+    args.update({k: v for k, v in optional.items() if v is not None})
+    spec = speculative_config(s)
+    if spec is not None:
+        args["speculative_config"] = spec
+    return args
+
+
+def speculative_config(s: Settings) -> dict[str, Any] | None:
+    """vLLM's speculative config from SPEC_*; None when off (or an optional draft is missing)."""
+    if not s.enable_speculative_decoding:
+        return None
+    if s.spec_method == "ngram":
+        return {
+            "method": "ngram",
+            "num_speculative_tokens": s.spec_num_speculative_tokens,
+            "prompt_lookup_max": s.spec_ngram_lookup_max,
+            "prompt_lookup_min": s.spec_ngram_lookup_min,
+        }
+    if not (s.spec_draft_model_dir / "config.json").is_file():
+        message = f"draft model for SPEC_METHOD={s.spec_method} not found in {s.spec_draft_model_dir}"
+        if s.spec_draft_optional:
+            log.warning("%s; SPEC_DRAFT_OPTIONAL=1, so speculative decoding is off", message)
+            return None
+        raise EngineUnavailable(f"{message} (SPEC_DRAFT_OPTIONAL=0): run `inv download` or fix SPEC_DRAFT_MODEL_DIR")
+    return {"method": s.spec_method, "model": str(s.spec_draft_model_dir),
+            "num_speculative_tokens": s.spec_num_speculative_tokens}
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's end-of-turn tokens (Qwen's ``<|im_end|>`` and ``<|endoftext|>``) and its EOS."""
+    ids: set[int] = set()
+    vocab = tokenizer.get_vocab()
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        if token in vocab:
+            ids.add(vocab[token])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def _stat_logger_factory(stats: EngineStats) -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerGauge(StatLoggerBase):
+        """Copies the scheduler's running/waiting counts into the service's stats."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0):
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                stats.scheduler(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SchedulerGauge
+
+
+class VllmEngine:
+    """``AsyncLLM`` owned by the app's lifespan (``start`` / ``shutdown``)."""
+
+    name = "vllm"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.notice: str | None = None
+        self.stats = EngineStats()
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._ids = itertools.count()
+        self._gate = asyncio.Semaphore(settings.batch_concurrency)
+        self._dead: str | None = None
+
+    def check(self) -> None:
+        require_import("vllm", "vLLM", VLLM_HINT)
+        require_import("vllm.v1.engine.async_llm", "vLLM's async engine", VLLM_HINT)
+
+    async def start(self) -> None:
+        self.check()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        s = self.settings
+        if s.vllm_max_num_seqs and s.batch_concurrency < s.vllm_max_num_seqs:
+            log.warning("BATCH_CONCURRENCY=%d < VLLM_MAX_NUM_SEQS=%d: the engine's batch can never be full",
+                        s.batch_concurrency, s.vllm_max_num_seqs)
+        args = AsyncEngineArgs(**engine_args(s))
+        started = time.perf_counter()
+        # Building the engine blocks (model load, profiling); keep the event loop answering health.
+        self._llm = await asyncio.to_thread(
+            AsyncLLM.from_engine_args, args, stat_loggers=[_stat_logger_factory(self.stats)]
+        )
+        self._tokenizer = self._llm.get_tokenizer()
+        log.info("vLLM engine ready in %.1f s (model %s)", time.perf_counter() - started, s.model_dir)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._llm.model_config.max_model_len if self._llm is not None else self.settings.max_model_len
+
+    def alive(self) -> str | None:
+        if self._dead is not None:
+            return self._dead
+        if self._llm is not None and self._llm.errored:
+            return f"vLLM engine died: {self._llm.dead_error}"
+        return None
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of many prompts in one call (the fast tokenizer uses every core)."""
+        return self._tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+    async def generate(self, items: list[Item]) -> list[Outcome]:
+        from vllm import SamplingParams
+        from vllm.inputs.engine import tokens_input
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if (problem := self.alive()) is not None:
+            raise EngineDead(problem)
+        prompts = [item.prompt for item in items]
+        if self.settings.pretokenize:
+            ids = await asyncio.to_thread(self.encode, prompts) if len(prompts) > 8 else self.encode(prompts)
+        else:
+            ids = [None] * len(prompts)
+        limit = self.max_model_len
+        params: dict[int, Any] = {}
+
+        async def one(item: Item, token_ids: list[int] | None) -> Outcome:
+            if token_ids is not None and len(token_ids) >= limit:
+                return Outcome(error=f"the question is {len(token_ids)} tokens after chat formatting; "
+                                     f"MAX_MODEL_LEN={limit} leaves no room for an answer")
+            key = id(item.sampling)
+            sp = params.get(key)
+            if sp is None:
+                sp = params[key] = SamplingParams(**item.sampling, output_kind=RequestOutputKind.FINAL_ONLY)
+            prompt = tokens_input(token_ids) if token_ids is not None else item.prompt
+            async with self._gate:
+                self.stats.enter()
+                try:
+                    final = None
+                    async for output in self._llm.generate(prompt, sp, f"q{next(self._ids)}"):
+                        final = output
+                except EngineDeadError as exc:
+                    raise EngineDead(f"vLLM engine died: {exc}") from exc
+                except ValueError as exc:  # vLLM's validation errors (VLLMValidationError is one)
+                    return Outcome(error=str(exc))
+                finally:
+                    self.stats.leave()
+            assert final is not None
+            completion = final.outputs[0]
+            return Outcome(text=completion.text, tokens=len(completion.token_ids))
+
+        tasks = [asyncio.ensure_future(one(item, i)) for item, i in zip(items, ids, strict=True)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+
+    async def shutdown(self) -> None:
+        llm, self._llm = self._llm, None
+        self._dead = "the engine is shut down"
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
+        await asyncio.to_thread(reap_children)
+
+
+def reap_children(timeout: float = 10.0) -> None:
+    """Stop every process this one started (engine core, workers) that outlived the engine's shutdown.
+
+    multiprocessing's resource tracker is left alone: it ignores SIGTERM and exits with this process.
+    """
+    me = os.getpid()
+    deadline = time.monotonic() + timeout
+    sig = signal.SIGTERM
+    while pids := _descendants(me):
+        if time.monotonic() > deadline:
+            sig = signal.SIGKILL
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                continue
+        time.sleep(0.2)
+        if sig is signal.SIGKILL:
+            log.warning("engine child processes %s needed SIGKILL", pids)
+            _wait_zombies(pids)
+            break
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z" or b"resource_tracker" in _cmdline(entry):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _cmdline(entry: Path) -> bytes:
+    try:
+        return (entry / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _wait_zombies(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
