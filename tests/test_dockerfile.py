@@ -1,0 +1,173 @@
+"""The Dockerfile takes its defaults from env/defaults.env: no ENV/ARG copy of a preset value, EXPOSE = PORT.
+
+The parser reads ENV (``KEY=value ...`` and the legacy ``KEY value`` form) and ARG lines, with line
+continuations; the first tests prove it finds what it must, so the checks below cannot pass vacuously.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from env import layer, read_preset
+from tests.conftest import ROOT, free_port
+from tests.test_env import clean_env
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` of a Dockerfile, continuation lines joined, comments dropped."""
+    result: list[tuple[str, str]] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        word, _, rest = line.partition(" ")
+        result.append((word.upper(), rest.strip()))
+    return result
+
+
+def assignments(text: str) -> list[tuple[str, str, str | None]]:
+    """``(ENV|ARG, key, value or None)`` for every variable a Dockerfile sets."""
+    found: list[tuple[str, str, str | None]] = []
+    for word, rest in instructions(text):
+        if word == "ENV":
+            parts = shlex.split(rest)
+            if parts and "=" not in parts[0]:  # legacy `ENV KEY value with spaces`
+                key, _, value = rest.partition(" ")
+                found.append(("ENV", key, " ".join(shlex.split(value))))
+            else:
+                found += [("ENV", *part.split("=", 1)) for part in parts]
+        elif word == "ARG":
+            for part in shlex.split(rest):
+                key, eq, value = part.partition("=")
+                found.append(("ARG", key, value if eq else None))
+    return found
+
+
+def dockerfile() -> str:
+    return DOCKERFILE.read_text(encoding="utf-8")
+
+
+def defaults() -> dict[str, str]:
+    return {key: value for key, (value, _) in read_preset("defaults").items()}
+
+
+def test_parser_finds_every_form():
+    sample = """# comment
+FROM base:1
+ARG PRESET
+ARG MAX_MODEL_LEN=2048
+ENV TOP_P=0.5 \\
+    STOP_STRINGS='<|im_end|>' OTHER="a b"
+ENV PORT 9000
+"""
+    assert assignments(sample) == [("ARG", "PRESET", None), ("ARG", "MAX_MODEL_LEN", "2048"), ("ENV", "TOP_P", "0.5"),
+                                   ("ENV", "STOP_STRINGS", "<|im_end|>"), ("ENV", "OTHER", "a b"),
+                                   ("ENV", "PORT", "9000")]
+
+
+def test_no_env_or_arg_disagrees_with_defaults():
+    preset = defaults()
+    wrong = [f"{kind} {key}={value!r} but env/defaults.env says {preset[key]!r}"
+             for kind, key, value in assignments(dockerfile()) if key in preset and value is not None
+             and value != preset[key]]
+    assert not wrong, "; ".join(wrong)
+
+
+def test_no_env_or_arg_copies_a_preset_default():
+    """Even an equal copy is drift waiting to happen: the launcher reads defaults.env inside the image."""
+    preset = defaults()
+    copies = [f"{kind} {key}" for kind, key, value in assignments(dockerfile()) if key in preset and value is not None]
+    assert not copies, f"remove {', '.join(copies)}: the defaults come from env/defaults.env"
+
+
+def test_expose_matches_the_port_default():
+    exposed = [rest.split() for word, rest in instructions(dockerfile()) if word == "EXPOSE"]
+    assert exposed == [[defaults()["PORT"]]]
+
+
+def test_base_image_is_a_pinned_vllm_image():
+    images = [rest.split()[0] for word, rest in instructions(dockerfile()) if word == "FROM"]
+    assert len(images) == 1
+    name, _, tag = images[0].partition(":")
+    assert name == "vllm/vllm-openai" and tag and tag != "latest"
+
+
+def test_build_installs_gpu_requirements_and_bakes_the_model():
+    runs = " ".join(rest for word, rest in instructions(dockerfile()) if word == "RUN")
+    assert "-r requirements/gpu.txt" in runs
+    assert "python3 -m downloader" in runs
+    assert "MODELSCOPE_API_TOKEN=" not in runs  # a secret mount, never a value in a layer
+
+
+def test_cmd_is_the_launcher_with_install_and_download_skipped():
+    cmds = [json.loads(rest) for word, rest in instructions(dockerfile()) if word == "CMD"]
+    assert len(cmds) == 1
+    cmd = cmds[0]
+    assert cmd[:4] == ["python3", "-m", "invoke", "run"]
+    assert "--skip-install" in cmd and "--skip-download" in cmd
+    entry = [rest for word, rest in instructions(dockerfile()) if word == "ENTRYPOINT"]
+    assert entry == ["[]"]  # the base image's `vllm serve` entrypoint is cleared
+
+
+def test_healthcheck_uses_the_launcher():
+    checks = [rest for word, rest in instructions(dockerfile()) if word == "HEALTHCHECK"]
+    assert len(checks) == 1
+    assert checks[0].endswith('CMD ["python3", "-m", "env.launcher", "healthcheck"]')
+
+
+def test_dockerignore_keeps_the_context_small():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".git", ".venv", ".nox", "model"} <= ignored
+    for needed in ("env", "service", "downloader", "requirements", "tasks.py"):
+        assert needed not in ignored
+
+
+class _Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(200 if self.path == "/health/ready" else 404)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("answering", [True, False])
+def test_healthcheck_command_follows_port(answering: bool):
+    port = free_port()
+    server = http.server.HTTPServer(("127.0.0.1", port), _Ready) if answering else None
+    thread = threading.Thread(target=server.serve_forever, daemon=True) if server else None
+    if thread:
+        thread.start()
+    try:
+        env = clean_env(PORT=str(port))
+        assert layer(env)["PORT"].value == str(port)
+        done = subprocess.run([sys.executable, "-m", "env.launcher", "healthcheck"], cwd=ROOT, env=env,
+                              capture_output=True, timeout=60)
+        assert done.returncode == (0 if answering else 1)
+    finally:
+        if server:
+            server.shutdown()
+            server.server_close()
+
+
+def test_dockerfile_exists_at_the_root():
+    assert Path(DOCKERFILE).is_file()
