@@ -1,0 +1,514 @@
+"""Fetch what the service serves: the main model and, for speculative decoding, a draft model.
+
+Public API (the launcher, ``tasks.py``, calls it with the effective variables; nothing here reads
+``os.environ``)::
+
+    from downloader import download, DownloadError
+    paths = download(values)   # [MODEL_DIR] or [MODEL_DIR, SPEC_DRAFT_MODEL_DIR], ready to serve
+
+``DownloadError(message, exit_code)``: exit code 1 when the main model failed, 2 when a required
+draft model failed.  ``message`` is one paragraph (model id, revision, what was tried, what to do).
+
+A model lands in ``MODEL_DIR`` (relative paths resolve against the project root).  A directory is:
+
+* complete: it holds the ``.download-complete`` marker written for this id and revision, and every
+  file the marker lists is present with its size: nothing is fetched, no hub contact;
+* local: no marker, but config.json, tokenizer files and weights are there (a model the user put in
+  place): served as it is, no hub contact;
+* anything else (missing, partial, another revision): fetched from the hub (``downloader.hub``) into
+  ``.<name>.partial`` beside it (kept between runs so a rerun resumes), verified, marked, then
+  renamed into place.  A directory is only replaced when it is ours (marker) or holds nothing but
+  files of this snapshot, so a mistyped ``MODEL_DIR`` never deletes unrelated data.
+
+``MODEL_ID=demo`` builds the offline demo model (``downloader.demo``) instead of downloading.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from downloader.hub import Hub, HubError, RemoteFile, normalize_endpoint
+
+__all__ = ["MARKER", "DownloadError", "check_draft_tokenizer", "download", "looks_complete", "snapshot_state"]
+
+MARKER = ".download-complete"
+STAMP = ".download-target"  # in the staging directory: which id@revision it holds
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer.tiktoken")
+PROGRESS_INTERVAL = 1.0  # seconds between progress lines on a terminal
+TRUE, FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off", ""})
+log = logging.getLogger("download")
+
+
+class DownloadError(Exception):
+    """A model that could not be made ready; ``exit_code`` 1 for the main model, 2 for a required draft."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One model to make ready, with the variable names used in messages."""
+
+    role: str  # "model" or "draft model"
+    model_id: str
+    revision: str
+    target: Path
+    id_var: str
+    dir_var: str
+    exit_code: int
+
+
+# --- the public entry point ---------------------------------------------------------------------
+
+def download(values: Mapping[str, str], *, progress: bool | None = None) -> list[Path]:
+    """Make the main model (and a wanted draft model) ready; return the directories to serve.
+
+    ``values`` are the effective variables (``env.layer``).  ``progress``: per-file progress lines;
+    default when stderr is a terminal.  Raises DownloadError.
+    """
+    live = sys.stderr.isatty() if progress is None else progress
+    main = _request(values, "model", "MODEL_ID", "MODEL_REVISION", "MODEL_DIR", exit_code=1)
+    fetcher = _Fetcher(values, live)
+    try:
+        paths = [fetcher.ensure(main)]
+        draft = _draft_request(values, main)
+        if draft is not None:
+            optional = _flag(values, "SPEC_DRAFT_OPTIONAL", "1", exit_code=2)
+            try:
+                draft_path = fetcher.ensure(draft)
+                problem = check_draft_tokenizer(paths[0], draft_path)
+                if problem:
+                    raise DownloadError(problem, 2)
+                paths.append(draft_path)
+            except DownloadError as exc:
+                if not optional:
+                    raise DownloadError(exc.message, 2) from exc
+                log.warning("[download] %s SPEC_DRAFT_OPTIONAL=1: continuing without the draft model.", exc.message)
+        return paths
+    finally:
+        fetcher.close()
+
+
+def _flag(values: Mapping[str, str], key: str, default: str, exit_code: int) -> bool:
+    raw = (values.get(key, default) or "").strip().lower()
+    if raw in TRUE:
+        return True
+    if raw in FALSE:
+        return False
+    raise DownloadError(f"{key}={raw!r} is not a boolean: use 1 or 0 (true/false, yes/no, on/off).", exit_code)
+
+
+def _request(values: Mapping[str, str], role: str, id_var: str, rev_var: str, dir_var: str,
+             exit_code: int) -> _Request:
+    from env import resolve_path
+
+    model_id = (values.get(id_var) or "").strip()
+    if not model_id:
+        raise DownloadError(f"{id_var} is empty: set it to a ModelScope model id (owner/name) or to demo "
+                            "for the offline demo model.", exit_code)
+    revision = (values.get(rev_var) or "").strip() or "master"
+    target = resolve_path((values.get(dir_var) or "").strip() or f"./model/{model_id}")
+    return _Request(role, model_id, revision, target, id_var, dir_var, exit_code)
+
+
+def _draft_request(values: Mapping[str, str], main: _Request) -> _Request | None:
+    if not _flag(values, "ENABLE_SPECULATIVE_DECODING", "0", exit_code=1):
+        return None
+    if not (values.get("SPEC_DRAFT_MODEL_ID") or "").strip():
+        return None
+    draft = _request(values, "draft model", "SPEC_DRAFT_MODEL_ID", "SPEC_DRAFT_MODEL_REVISION",
+                     "SPEC_DRAFT_MODEL_DIR", exit_code=2)
+    a, b = draft.target, main.target
+    if a == b or a in b.parents or b in a.parents:
+        raise DownloadError(f"SPEC_DRAFT_MODEL_DIR ({a}) overlaps MODEL_DIR ({b}): give the draft model its "
+                            "own directory (default ./model/${SPEC_DRAFT_MODEL_ID}).", 2)
+    return draft
+
+
+# --- local snapshots ----------------------------------------------------------------------------
+
+def looks_complete(path: Path) -> str | None:
+    """None when ``path`` holds config.json, tokenizer files and weights; else what is missing."""
+    if not path.is_dir():
+        return "the directory"
+    if not (path / "config.json").is_file():
+        return "config.json"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return "tokenizer files (" + ", ".join(TOKENIZER_FILES) + ")"
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            try:
+                shards = set(json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return f"a readable {index}"
+            missing = sorted(s for s in shards if not (path / s).is_file())
+            return f"weight shards {', '.join(missing)}" if missing else None
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        return "weights (*.safetensors or *.bin)"
+    return None
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def snapshot_state(path: Path, model_id: str, revision: str) -> str:
+    """``complete``, ``local``, ``missing``, or ``incomplete`` (partial, or another id/revision)."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return "missing"
+    marker = _read_marker(path)
+    if marker is None:
+        return "local" if looks_complete(path) is None else "incomplete"
+    if marker.get("model_id") != model_id or marker.get("revision") != revision:
+        return "incomplete"
+    files = marker.get("files")
+    if not isinstance(files, dict):
+        return "incomplete"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            return "incomplete"
+    return "complete"
+
+
+def _write_marker(path: Path, model_id: str, revision: str, source: str) -> None:
+    files = {
+        p.relative_to(path).as_posix(): p.stat().st_size
+        for p in sorted(path.rglob("*")) if p.is_file() and p.name != MARKER
+    }
+    data = {"model_id": model_id, "revision": revision, "source": source, "files": files}
+    (path / MARKER).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _replaceable(path: Path, allowed: set[str]) -> str | None:
+    """None when ``path`` may be replaced: ours (marker), or only files named in ``allowed``."""
+    if not path.exists() or _read_marker(path) is not None:
+        return None
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    strangers = sorted(p.name for p in path.iterdir() if p.name not in allowed and not p.name.endswith(".part"))
+    return f"{path} holds files that are not part of this model (e.g. {strangers[0]!r})" if strangers else None
+
+
+def _swap(staging: Path, target: Path) -> None:
+    """Put ``staging`` in place of ``target`` (renames on one filesystem; the old one is deleted)."""
+    old = target.with_name(f".{target.name}.old")
+    _remove(old)
+    if target.exists() or target.is_symlink():
+        target.rename(old)
+    staging.rename(target)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a symlink (not what it points to) or a directory tree, if there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+@contextmanager
+def _lock(target: Path) -> Iterator[None]:
+    """One download per target at a time (another launcher waits, then finds it complete)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("[download] waiting for another download into %s", target)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class _Progress:
+    """Bytes and files done; lines at most once a second when ``live`` (a terminal), else silent."""
+
+    def __init__(self, label: str, files: int, total: int, live: bool):
+        self.label, self.files, self.total, self.live = label, files, total, live
+        self.done_files = 0
+        self.finished_bytes = 0
+        self.current = 0
+        self.start = self.last = time.monotonic()
+
+    def file(self, name: str) -> Callable[[int], None]:
+        def position(n: int) -> None:
+            self.current = n
+            now = time.monotonic()
+            if self.live and now - self.last >= PROGRESS_INTERVAL:
+                self.last = now
+                self._line(name)
+        return position
+
+    def file_done(self, size: int) -> None:
+        self.done_files += 1
+        self.finished_bytes += size
+        self.current = 0
+
+    def _line(self, name: str) -> None:
+        done = self.finished_bytes + self.current
+        rate = done / max(time.monotonic() - self.start, 1e-6)
+        log.info("[download] %s: %d/%d files, %s of %s (%s/s), %s", self.label, self.done_files, self.files,
+                 _size(done), _size(self.total), _size(rate), name)
+
+
+# --- fetching -----------------------------------------------------------------------------------
+
+class _Fetcher:
+    """Makes requests ready; one hub session (logged in once) shared by the main and draft model."""
+
+    def __init__(self, values: Mapping[str, str], live: bool):
+        self.endpoint = normalize_endpoint(values.get("MODELSCOPE_ENDPOINT") or values.get("MODELSCOPE_DOMAIN"))
+        self._token = (values.get("MODELSCOPE_API_TOKEN") or "").strip()
+        self._live = live
+        self._hub: Hub | None = None
+
+    def close(self) -> None:
+        if self._hub is not None:
+            self._hub.close()
+
+    def hub(self) -> Hub:
+        if self._hub is None:
+            self._hub = Hub(self.endpoint, self._token)
+            if self._token:
+                accepted = self._hub.login()
+                if accepted:
+                    log.info("[download] logged in to %s with MODELSCOPE_API_TOKEN", self.endpoint)
+        return self._hub
+
+    def ensure(self, req: _Request) -> Path:
+        from downloader.demo import DEMO_MODEL_ID
+
+        label = f"{req.model_id}@{req.revision}"
+        is_demo = req.model_id == DEMO_MODEL_ID
+        revision = _demo_fingerprint() if is_demo else req.revision
+        state = snapshot_state(req.target, req.model_id, revision)
+        if state == "complete":
+            log.info("[download] %s %s is complete in %s (skipped)", req.role, label, req.target)
+            return req.target
+        if state == "local" and not is_demo:
+            log.info("[download] %s: using the local model in %s (%s; not fetched from the hub)",
+                     req.role, req.target, req.dir_var)
+            return req.target
+        started = time.monotonic()
+        try:
+            with _lock(req.target):
+                if snapshot_state(req.target, req.model_id, revision) == "complete":
+                    return req.target  # another process finished it while we waited
+                if is_demo:
+                    return self._build_demo(req, revision)
+                return self._fetch(req, label)
+        except HubError as exc:
+            raise DownloadError(self._hub_message(req, exc, time.monotonic() - started), req.exit_code) from exc
+        except OSError as exc:
+            where = exc.filename or req.target
+            raise DownloadError(f"Cannot write the {req.role} {label} into {req.target}: {exc.strerror or exc} "
+                                f"({where}). Check free space and permissions, or set {req.dir_var} to a "
+                                "writable directory.", req.exit_code) from exc
+
+    def _build_demo(self, req: _Request, fingerprint: str) -> Path:
+        from downloader.demo import DEMO_FILES, build_demo_model
+
+        problem = _replaceable(req.target, {*DEMO_FILES, MARKER})
+        if problem:
+            raise DownloadError(f"Cannot build the demo model into {req.target}: {problem}. Point {req.dir_var} "
+                                "at a new or empty directory (default ./model/demo).", req.exit_code)
+        staging = req.target.with_name(f".{req.target.name}.partial")
+        if staging.exists():
+            shutil.rmtree(staging)
+        build_demo_model(staging)
+        _write_marker(staging, req.model_id, fingerprint, "downloader.demo")
+        _swap(staging, req.target)
+        log.info("[download] demo model ready in %s", req.target)
+        return req.target
+
+    def _fetch(self, req: _Request, label: str) -> Path:
+        hub = self.hub()
+        files = hub.list_files(req.model_id, req.revision)
+        problem = _replaceable(req.target, {f.path.split("/")[0] for f in files} | {MARKER})
+        if problem:
+            raise DownloadError(
+                f"Cannot download the {req.role} {label} into {req.target}: {problem}, and it is not a complete "
+                f"model (missing {looks_complete(req.target)}). Point {req.dir_var} at a new or empty directory, "
+                "or at a complete local model.", req.exit_code)
+        if req.target.exists():
+            log.warning("[download] %s holds an incomplete or different snapshot; replacing it with %s",
+                        req.target, label)
+        staging = _staging(req)
+        total = sum(f.size or 0 for f in files)
+        _check_space(staging, files, req)
+        log.info("[download] fetching %s %s from %s into %s (%d files, %s)", req.role, label, self.endpoint,
+                 req.target, len(files), _size(total))
+        progress = _Progress(label, len(files), total, self._live)
+        started = time.monotonic()
+        for remote in files:
+            dest = staging.joinpath(*remote.path.split("/"))
+            _adopt(req.target.joinpath(*remote.path.split("/")), dest, remote)
+            if not (dest.is_file() and _same(dest, remote)):
+                hub.fetch(req.model_id, req.revision, remote, dest, progress.file(remote.path))
+            progress.file_done(dest.stat().st_size)
+        (staging / STAMP).unlink()
+        _write_marker(staging, req.model_id, req.revision, self.endpoint)
+        _swap(staging, req.target)
+        seconds = time.monotonic() - started
+        log.info("[download] %s %s ready in %s (%s in %.1f s)", req.role, label, req.target, _size(total), seconds)
+        return req.target
+
+    def _hub_message(self, req: _Request, exc: HubError, seconds: float) -> str:
+        label = f"{req.role} {req.model_id!r} (revision {req.revision!r})"
+        tried = f"{exc.url} " if exc.url else ""
+        if exc.status in (401, 403):
+            hint = ("The hub refused access: check that MODELSCOPE_API_TOKEN is valid and may read this model."
+                    if self._token else
+                    "The hub refused access: the model may be private; set MODELSCOPE_API_TOKEN to a token that "
+                    "may read it.")
+        elif exc.status == 404:
+            hint = f"Check {req.id_var} and the revision: the hub does not know this model or revision."
+        elif exc.status is None and exc.retryable:
+            hint = "The hub is unreachable from here: check the network, proxy (HTTPS_PROXY) and MODELSCOPE_ENDPOINT."
+        else:
+            hint = f"Check {req.id_var} and the revision, and MODELSCOPE_ENDPOINT; or retry later."
+        remedy = (f"To run without the hub, set {req.dir_var} to a directory holding a complete local model "
+                  "(config.json, tokenizer files, *.safetensors or *.bin weights), or SKIP_MODEL_DOWNLOAD=1 if the "
+                  "model is already in place, or MODEL_ID=demo for the offline demo model.")
+        if req.exit_code == 2:
+            remedy += (" For the draft model, SPEC_DRAFT_OPTIONAL=1 continues without it and "
+                       "ENABLE_SPECULATIVE_DECODING=0 turns speculation off.")
+        message = (f"Cannot download the {label} from the ModelScope hub at {self.endpoint}: {exc.reason} "
+                   f"(tried {tried}for {seconds:.1f} s). {hint} {remedy}")
+        return message.replace(self._token, "***") if self._token else message
+
+
+def _staging(req: _Request) -> Path:
+    """``.<name>.partial`` beside the target, kept across runs of the same id and revision."""
+    staging = req.target.with_name(f".{req.target.name}.partial")
+    stamp = staging / STAMP
+    wanted = f"{req.model_id}@{req.revision}\n"
+    if staging.exists() and (not stamp.is_file() or stamp.read_text(encoding="utf-8") != wanted):
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(wanted, encoding="utf-8")
+    return staging
+
+
+def _adopt(old: Path, dest: Path, remote: RemoteFile) -> None:
+    """Move a verified file of the partial snapshot being replaced into staging (no refetch)."""
+    if not dest.exists() and old.is_file() and not old.is_symlink() and _same(old, remote):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        old.replace(dest)
+
+
+def _check_space(staging: Path, files: list[RemoteFile], req: _Request) -> None:
+    needed = sum((f.size or 0) for f in files if not (staging / f.path).is_file())
+    free = shutil.disk_usage(staging).free
+    if needed > free:
+        raise DownloadError(f"Not enough disk space for the {req.role} {req.model_id!r}: {_size(needed)} needed, "
+                            f"{_size(free)} free under {staging.parent}. Free space or set {req.dir_var} "
+                            "to another disk.", req.exit_code)
+
+
+def _same(path: Path, remote: RemoteFile) -> bool:
+    """A file already in the staging directory that matches the listing (size, then sha256)."""
+    if remote.size is not None and path.stat().st_size != remote.size:
+        return False
+    if not remote.sha256:
+        return remote.size is not None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() == remote.sha256.lower()
+
+
+def _demo_fingerprint() -> str:
+    """The demo model's "revision": a hash of the builder's source, so a changed builder rebuilds."""
+    source = Path(__file__).with_name("demo.py").read_bytes()
+    return "demo-" + hashlib.sha256(source).hexdigest()[:16]
+
+
+# --- draft tokenizer ----------------------------------------------------------------------------
+
+def _vocabulary(path: Path) -> dict[str, int] | None:
+    """Token -> id from tokenizer.json, or vocab.json (+ added tokens); None when neither is readable."""
+    try:
+        if (path / "tokenizer.json").is_file():
+            data = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+            vocab = (data.get("model") or {}).get("vocab")
+            if isinstance(vocab, dict):
+                result = {str(k): int(v) for k, v in vocab.items()}
+            elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+                result = {str(entry[0]): i for i, entry in enumerate(vocab)}
+            else:
+                result = {}
+            result.update({t["content"]: int(t["id"]) for t in data.get("added_tokens") or []})
+            return result
+        if (path / "vocab.json").is_file():
+            result = {str(k): int(v) for k, v in json.loads((path / "vocab.json").read_text(encoding="utf-8")).items()}
+            if (path / "added_tokens.json").is_file():
+                added = json.loads((path / "added_tokens.json").read_text(encoding="utf-8"))
+                result.update({str(k): int(v) for k, v in added.items()})
+            return result
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return None
+    return None
+
+
+def _raw_tokenizer(path: Path) -> bytes | None:
+    for name in ("tokenizer.model", "vocab.txt", "tokenizer.tiktoken"):
+        if (path / name).is_file():
+            return (path / name).read_bytes()
+    return None
+
+
+def check_draft_tokenizer(main_dir: Path, draft_dir: Path) -> str | None:
+    """A one-paragraph message when the draft model's tokenizer differs from the main model's, else None.
+
+    Compares the vocabularies (tokenizer.json, or vocab.json) token by token; failing those, the raw
+    tokenizer files (tokenizer.model, vocab.txt).  A draft without tokenizer files (EAGLE heads use
+    the target's) is not reported.
+    """
+    main, draft = _vocabulary(main_dir), _vocabulary(draft_dir)
+    if main is not None and draft is not None:
+        if main == draft:
+            return None
+        differing = sorted(t for t in main.keys() | draft.keys() if main.get(t) != draft.get(t))
+        return (f"The draft model's tokenizer ({draft_dir}) differs from the main model's ({main_dir}): "
+                f"{len(draft)} vs {len(main)} tokens, {len(differing)} missing or with other ids "
+                f"(e.g. {differing[0]!r}). Draft-model speculative decoding needs the same vocabulary: choose a "
+                "draft from the main model's family (SPEC_DRAFT_MODEL_ID) or use SPEC_METHOD=ngram.")
+    main_raw, draft_raw = _raw_tokenizer(main_dir), _raw_tokenizer(draft_dir)
+    if main_raw is not None and draft_raw is not None and main_raw != draft_raw:
+        return (f"The draft model's tokenizer files ({draft_dir}) differ from the main model's ({main_dir}). "
+                "Draft-model speculative decoding needs the same vocabulary: choose a draft from the main "
+                "model's family (SPEC_DRAFT_MODEL_ID) or use SPEC_METHOD=ngram.")
+    return None
