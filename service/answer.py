@@ -17,6 +17,7 @@ class Answers:
     texts: list[str]
     errors: list[tuple[int, str]]
     tokens: int
+    tokens_by_route: dict[str, int]
 
 
 class Answerer:
@@ -49,6 +50,7 @@ class Answerer:
         texts: list[str] = []
         errors: list[tuple[int, str]] = []
         tokens = 0
+        by_route: dict[str, int] = {}
         post = planner.post
         for index, (question, plan, outcome) in enumerate(zip(questions, plans, outcomes, strict=True)):
             if outcome.error is not None:
@@ -56,5 +58,6 @@ class Answerer:
                 texts.append("")
                 continue
             tokens += outcome.tokens
+            by_route[plan.route] = by_route.get(plan.route, 0) + outcome.tokens
             texts.append(post(question, outcome.text, plan.short))
-        return Answers(texts, errors, tokens)
+        return Answers(texts, errors, tokens, by_route)

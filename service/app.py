@@ -186,7 +186,8 @@ def create_app(settings: Settings, engine: Engine) -> Litestar:
         m.latency.observe(time.perf_counter() - started)
         m.batch.observe(len(questions))
         m.questions.inc(len(questions))
-        m.tokens.inc(result.tokens)
+        for route, count in result.tokens_by_route.items():
+            m.tokens.labels(route).inc(count)
         m.item_errors.inc(len(result.errors))
         errors = [ItemError(i, message) for i, message in result.errors]
         if isinstance(req.prompt, str):

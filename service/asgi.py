@@ -36,6 +36,7 @@ def create_app_from_env() -> Litestar:
     configure_logging(settings.log_level)
     try:
         engine = build_engine(settings)
+        engine.check()  # a broken backend is a clear start-up error, not a crash after minutes of loading
     except EngineUnavailable as exc:
         log.error("%s", exc)
         raise SystemExit(3) from None

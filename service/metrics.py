@@ -36,7 +36,7 @@ class Metrics:
         self.requests = Counter("qa_requests", "HTTP requests by path and status.", ["path", "status"], registry=r)
         self.questions = Counter("qa_questions", "Questions answered (errors included).", registry=r)
         self.item_errors = Counter("qa_item_errors", "Questions that could not be answered.", registry=r)
-        self.tokens = Counter("qa_generated_tokens", "Tokens generated.", registry=r)
+        self.tokens = Counter("qa_generated_tokens", "Tokens generated, by route.", ["route"], registry=r)
         self.batch = Histogram("qa_batch_size", "Questions per /predict request.", registry=r,
                                buckets=(1, 2, 4, 8, 16, 64, 256, 1024, 4096, 16384, 65536))
         self.latency = Histogram("qa_predict_seconds", "Time to answer a /predict request.", registry=r,

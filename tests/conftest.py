@@ -128,3 +128,89 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 PYTHON = sys.executable
+
+
+def demo_env(model_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a server on the demo preset (forced over the test's shell), plus ``extra``."""
+    from env import layer
+
+    values = {k: v.value for k, v in layer(os.environ, "demo", force=True).items()}
+    env = python_env(**values)
+    env.update(MODEL_DIR=str(model_dir), WARMUP_DATA_PATH="", LOG_LEVEL="info")
+    env.update(extra)
+    return env
+
+
+def http_json(method: str, url: str, body: object = None, timeout: float = 300, **headers: str):
+    """(status, parsed JSON or text) over real HTTP with the standard library."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+class Service:
+    """A real uvicorn process serving the app, and the health states it went through."""
+
+    def __init__(self, server: Server, port: int):
+        self.server, self.port = server, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.seen: list[str] = []
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.server.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.server.proc.returncode}:\n{self.server.log()[-4000:]}")
+            try:
+                status, body = http_json("GET", self.url + "/", timeout=5)
+            except OSError:
+                time.sleep(0.2)
+                continue
+            state = body.get("status") if isinstance(body, dict) else str(body)
+            if not self.seen or self.seen[-1] != state:
+                self.seen.append(state)
+            if state in ("batch", "ok"):
+                return
+            if state == "error":
+                raise AssertionError(f"engine failed: {body}\n{self.server.log()[-4000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"not ready after {timeout}s:\n{self.server.log()[-4000:]}")
+
+
+def start_service(tmp: Path, env: Mapping[str, str]) -> Service:
+    port = free_port()
+    args = [PYTHON, "-m", "service", "--host", "127.0.0.1",
+            "--port", str(port), "--timeout-graceful-shutdown", env.get("SHUTDOWN_TIMEOUT", "30")]
+    server = Server(args, env, log=tmp / f"server-{port}.log")
+    service = Service(server, port)
+    server.wait_port(port)
+    return service
+
+
+@pytest.fixture(scope="session")
+def service(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """One real server on the demo model for the whole session (engine start-up dominates test time).
+
+    It warms up on a few questions of the shared workload when that file is present.
+    """
+    extra = {}
+    if SHARED_DATA.is_file():
+        extra = {"WARMUP_DATA_PATH": str(SHARED_DATA), "WARMUP_NUM_SAMPLES": "32", "WARMUP_REPEAT": "1"}
+    svc = start_service(tmp_path_factory.mktemp("service"), demo_env(demo_model, **extra))
+    try:
+        svc.wait_ready()
+        yield svc
+    finally:
+        svc.server.stop()

@@ -1,0 +1,309 @@
+"""End-to-end: the real vLLM CPU engine on the demo model behind a real uvicorn process, over HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    SHARED_DATA,
+    Service,
+    alive,
+    demo_env,
+    descendants,
+    http_json,
+    port_is_free,
+    start_service,
+)
+
+SHORT = "什么是CUDA中的线程块？"
+HARD = "请解释下面的代码：__global__ void add(float *a) { a[threadIdx.x] += 1; } 以及 kernel<<<1, 32>>>(a) 的含义"
+
+
+def metric(svc: Service, name: str, labels: str = "") -> float:
+    status, text = http_json("GET", svc.url + "/metrics")
+    assert status == 200
+    pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", re.MULTILINE)
+    match = pattern.search(text)
+    return float(match.group(1)) if match else 0.0
+
+
+def questions(n: int) -> list[str]:
+    if SHARED_DATA.is_file():
+        out = []
+        with SHARED_DATA.open(encoding="utf-8") as f:
+            for line in f:
+                out.append(json.loads(line)["messages"][0]["content"])
+                if len(out) == n:
+                    return out
+    return [f"第{i}个问题：什么是共享内存？" for i in range(n)]
+
+
+def test_health_goes_warming_then_batch(service: Service) -> None:
+    assert service.seen[0] == "warming"
+    assert service.seen[-1] == "batch"
+    assert http_json("GET", service.url + "/health/ready")[0] == 200
+    assert http_json("GET", service.url + "/health/live") == (200, {"status": "alive"})
+
+
+def test_list_of_200_in_order(service: Service) -> None:
+    qs = questions(200)
+    status, body = http_json("POST", service.url + "/predict", {"prompt": qs})
+    assert status == 200, body
+    answers = body["response"]
+    assert isinstance(answers, list) and len(answers) == 200
+    assert all(isinstance(a, str) for a in answers)
+    assert "errors" not in body
+    # Order: each answer is the answer to its own question (greedy decoding is deterministic).
+    for index in (0, 57, 199):
+        status, single = http_json("POST", service.url + "/predict", {"prompt": qs[index]})
+        assert status == 200
+        assert single["response"] == answers[index], index
+
+
+def test_single_string_gives_string(service: Service) -> None:
+    status, body = http_json("POST", service.url + "/predict", {"prompt": SHORT})
+    assert status == 200
+    assert isinstance(body["response"], str)
+
+
+def test_overrides_change_length(service: Service) -> None:
+    before = metric(service, "qa_generated_tokens_total", '{route="hard"}')
+    status, short = http_json("POST", service.url + "/predict", {"prompt": [HARD], "max_new_tokens": 4})
+    assert status == 200
+    middle = metric(service, "qa_generated_tokens_total", '{route="hard"}')
+    status, long = http_json("POST", service.url + "/predict", {"prompt": [HARD], "max_new_tokens": 40})
+    assert status == 200
+    after = metric(service, "qa_generated_tokens_total", '{route="hard"}')
+    assert middle - before <= 4
+    assert after - middle > 4
+    assert len(long["response"][0]) > len(short["response"][0])
+
+
+def test_routing_reaches_the_engine(service: Service) -> None:
+    """A hard code question is generated past MAX_NEW_TOKENS (64): its routed budget (192) reached vLLM."""
+    before_hard = metric(service, "qa_generated_tokens_total", '{route="hard"}')
+    before_short = metric(service, "qa_generated_tokens_total", '{route="short"}')
+    status, body = http_json("POST", service.url + "/predict", {"prompt": [SHORT, HARD]})
+    assert status == 200
+    hard = metric(service, "qa_generated_tokens_total", '{route="hard"}') - before_hard
+    short = metric(service, "qa_generated_tokens_total", '{route="short"}') - before_short
+    assert 64 < hard <= 192, hard
+    assert 0 < short <= 64, short
+
+
+def test_one_overlong_question_fails_alone(service: Service) -> None:
+    qs = questions(100)
+    qs[37] = "很长的问题" * 2000
+    status, body = http_json("POST", service.url + "/predict", {"prompt": qs})
+    assert status == 200, body
+    assert len(body["response"]) == 100
+    assert body["response"][37] == ""
+    assert [e["index"] for e in body["errors"]] == [37]
+    assert "MAX_MODEL_LEN" in body["errors"][0]["message"]
+    delivered = [a for i, a in enumerate(body["response"]) if i != 37]
+    assert len(delivered) == 99 and all(isinstance(a, str) and a for a in delivered)
+
+
+MALFORMED: list[tuple[str, str, bytes | None, str]] = [
+    ("POST", "/predict", b"", "empty"),
+    ("POST", "/predict", b"   ", "empty"),
+    ("POST", "/predict", b"{", "JSON"),
+    ("POST", "/predict", b"not json", "JSON"),
+    ("POST", "/predict", b"[1, 2]", "object"),
+    ("POST", "/predict", b'"just a string"', "object"),
+    ("POST", "/predict", b"null", "object"),
+    ("POST", "/predict", b"{}", "prompt"),
+    ("POST", "/predict", b'{"prompt": null}', "prompt"),
+    ("POST", "/predict", b'{"prompt": 5}', "prompt"),
+    ("POST", "/predict", b'{"prompt": {"a": 1}}', "prompt"),
+    ("POST", "/predict", b'{"prompt": []}', "prompt"),
+    ("POST", "/predict", b'{"prompt": ["ok", 3]}', "prompt[1]"),
+    ("POST", "/predict", b'{"prompt": ["ok", null]}', "prompt[1]"),
+    ("POST", "/predict", b'{"prompt": "q", "temperature": 1e9}', "temperature"),
+    ("POST", "/predict", b'{"prompt": "q", "temperature": -1}', "temperature"),
+    ("POST", "/predict", b'{"prompt": "q", "temperature": "hot"}', "temperature"),
+    ("POST", "/predict", b'{"prompt": "q", "top_k": -7}', "top_k"),
+    ("POST", "/predict", b'{"prompt": "q", "top_k": 1.5}', "top_k"),
+    ("POST", "/predict", b'{"prompt": "q", "top_p": 5}', "top_p"),
+    ("POST", "/predict", b'{"prompt": "q", "top_p": 0}', "top_p"),
+    ("POST", "/predict", b'{"prompt": "q", "max_new_tokens": 0}', "max_new_tokens"),
+    ("POST", "/predict", b'{"prompt": "q", "max_new_tokens": -5}', "max_new_tokens"),
+    ("POST", "/predict", b'{"prompt": "q", "max_new_tokens": 999999}', "max_new_tokens"),
+    ("POST", "/predict", b'{"prompt": "q", "max_new_tokens": "many"}', "max_new_tokens"),
+    ("POST", "/predict", b'{"prompt": "q", "repetition_penalty": 0}', "repetition_penalty"),
+    ("POST", "/predict", b'{"prompt": "q", "repetition_penalty": 100}', "repetition_penalty"),
+    ("POST", "/predict", b'{"prompt": "q", "frequency_penalty": 3}', "frequency_penalty"),
+    ("POST", "/predict", b'{"prompt": "q", "unknown": 1}', "unknown"),
+    ("POST", "/predict", "{\"prompt\": \"\\ud800\"}".encode(), ""),
+    ("POST", "/predict", b"\xff\xfe\x00", "JSON"),
+    ("POST", "/predict", ("很长的问题" * 3000).join(['{"prompt": "', '"}']).encode(), "MAX_MODEL_LEN"),
+    ("GET", "/predict", None, "Method"),
+    ("PUT", "/predict", b"{}", "Method"),
+    ("GET", "/nowhere", None, "Not Found"),
+    ("POST", "/system_prompt", b"{}", "system_prompt"),
+    ("POST", "/system_prompt", b'{"system_prompt": 3}', "system_prompt"),
+    ("POST", "/system_prompt", b"nope", "JSON"),
+]
+
+
+def test_malformed_requests_are_4xx_and_harmless(service: Service) -> None:
+    for method, path, body, needle in MALFORMED:
+        status, reply = http_json(method, service.url + path, body, **{"Content-Type": "application/json"})
+        assert 400 <= status < 500, (method, path, body[:60] if body else body, status, reply)
+        assert isinstance(reply, dict) and reply["status_code"] == status, reply
+        assert reply["error"] and reply["detail"], reply
+        text = reply["detail"] + " " + str(reply.get("field") or "")
+        assert needle.lower() in text.lower(), (body[:60] if body else body, reply)
+    status, body = http_json("POST", service.url + "/predict", {"prompt": [SHORT, SHORT]})
+    assert status == 200 and len(body["response"]) == 2
+    assert metric(service, "qa_requests_total", '{path="/predict",status="500"}') == 0
+
+
+def test_oversized_body_is_413(service: Service) -> None:
+    # MAX_REQUEST_BYTES is 64 MiB by default: announce 65 MiB; the server refuses before reading it.
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+    conn.putrequest("POST", "/predict")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(65 * 1024 * 1024))
+    conn.endheaders()
+    conn.send(b'{"prompt": "' + b"a" * 65536)
+    resp = conn.getresponse()
+    reply = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 413, reply
+    assert "MAX_REQUEST_BYTES" in reply["detail"]
+
+
+def test_concurrent_singles_share_the_engine(service: Service) -> None:
+    qs = questions(128)
+
+    def ask(q: str) -> str:
+        status, body = http_json("POST", service.url + "/predict", {"prompt": q})
+        assert status == 200, body
+        return body["response"]
+
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(ask, qs))
+    assert len(answers) == 128 and all(isinstance(a, str) for a in answers)
+    peak = metric(service, "qa_engine_running_sequences_peak")
+    assert peak >= 16, f"the engine never ran more than {peak} sequences at once: requests were serialised"
+
+
+def test_info_masks_secrets_and_shows_settings(service: Service) -> None:
+    status, info = http_json("GET", service.url + "/info")
+    assert status == 200
+    assert info["backend"] == "vllm"
+    assert info["settings"]["MODEL_ID"] == "demo"
+    assert info["settings"]["MAX_MODEL_LEN"] == 1024
+    assert info["chat_format"] == "fast"
+    assert info["settings"]["MODELSCOPE_API_TOKEN"] in ("", "***")
+
+
+def test_system_prompt_round_trip_from_loopback(service: Service) -> None:
+    status, before = http_json("GET", service.url + "/system_prompt")
+    assert status == 200 and before["system_prompt"]
+    try:
+        status, body = http_json("POST", service.url + "/system_prompt", {"system_prompt": "你是GPU编程助教。"})
+        assert status == 200 and body["system_prompt"] == "你是GPU编程助教。"
+        assert http_json("GET", service.url + "/system_prompt")[1]["system_prompt"] == "你是GPU编程助教。"
+        assert http_json("POST", service.url + "/predict", {"prompt": SHORT})[0] == 200
+    finally:
+        http_json("POST", service.url + "/system_prompt", before)
+
+
+@pytest.fixture(scope="module")
+def guarded(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
+    """A second server with ADMIN_TOKEN set; the SIGTERM test stops it."""
+    svc = start_service(tmp_path_factory.mktemp("guarded"),
+                        demo_env(demo_model, ADMIN_TOKEN="s3cret-token", SHUTDOWN_TIMEOUT="20"))
+    svc.wait_ready()
+    yield svc
+    svc.server.stop(timeout=5)
+
+
+def test_admin_token_guards_system_prompt(guarded: Service) -> None:
+    url = guarded.url + "/system_prompt"
+    assert http_json("POST", url, {"system_prompt": "x"})[0] == 401
+    assert http_json("POST", url, {"system_prompt": "x"}, Authorization="Bearer wrong")[0] == 401
+    status, body = http_json("POST", url, {"system_prompt": "新的提示"}, Authorization="Bearer s3cret-token")
+    assert status == 200 and body["system_prompt"] == "新的提示"
+    status, info = http_json("GET", guarded.url + "/info")
+    assert info["settings"]["ADMIN_TOKEN"] == "***"
+    assert "s3cret-token" not in json.dumps(info)
+
+
+def test_sigterm_during_batch_stops_the_whole_tree(guarded: Service) -> None:
+    proc = guarded.server.proc
+    tree = descendants(proc.pid)
+    assert any("VLLM" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace") for p in tree if alive(p))
+    results: list[object] = []
+    batch = threading.Thread(
+        target=lambda: results.append(http_json("POST", guarded.url + "/predict", {"prompt": questions(400)})),
+        daemon=True,
+    )
+    batch.start()
+    time.sleep(1.5)
+    started = time.monotonic()
+    proc.terminate()
+    proc.wait(60)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, guarded.server.log()[-3000:]
+    assert elapsed < 60
+    leftover = [p for p in tree if alive(p)]
+    assert not leftover, f"processes outlived the server: {leftover}"
+    assert port_is_free(guarded.port)
+    batch.join(30)
+    # The in-flight batch was allowed to finish (graceful shutdown), answered in full.
+    assert results and results[0][0] == 200 and len(results[0][1]["response"]) == 400
+
+
+def test_use_vllm_true_without_vllm_fails_clearly(tmp_path: Path, demo_model: Path) -> None:
+    broken = tmp_path / "broken"
+    (broken / "vllm").mkdir(parents=True)
+    (broken / "vllm" / "__init__.py").write_text("raise ImportError('No module named \"msgspec_fake_dep\"')\n")
+    env = demo_env(demo_model, USE_VLLM="true")
+    env["PYTHONPATH"] = f"{broken}:{env['PYTHONPATH']}"
+    from tests.conftest import PYTHON, Server, free_port
+
+    port = free_port()
+    server = Server([PYTHON, "-m", "uvicorn", "service.asgi:create_app_from_env", "--factory", "--port", str(port)],
+                    env, log=tmp_path / "server.log")
+    try:
+        code = server.proc.wait(120)
+    finally:
+        server.stop()
+    log = server.log()
+    assert code != 0
+    assert "vLLM cannot be imported" in log and "msgspec_fake_dep" in log and "USE_VLLM=false" in log
+    assert "Traceback" not in log
+
+
+def test_use_vllm_auto_falls_back_to_transformers_and_says_so(tmp_path: Path, demo_model: Path) -> None:
+    broken = tmp_path / "broken"
+    (broken / "vllm").mkdir(parents=True)
+    (broken / "vllm" / "__init__.py").write_text("raise ImportError('simulated missing dependency')\n")
+    env = demo_env(demo_model, USE_VLLM="auto")
+    env["PYTHONPATH"] = f"{broken}:{env['PYTHONPATH']}"
+    svc = start_service(tmp_path, env)
+    try:
+        svc.wait_ready(120)
+        status, health = http_json("GET", svc.url + "/")
+        assert health["status"] == "batch" and health["backend"] == "transformers"
+        assert "simulated missing dependency" in health["notice"]
+        status, info = http_json("GET", svc.url + "/info")
+        assert info["backend"] == "transformers" and "transformers" in info["notice"]
+        status, body = http_json("POST", svc.url + "/predict", {"prompt": [SHORT, HARD, "很长" * 2000]})
+        assert status == 200, body
+        assert len(body["response"]) == 3 and [e["index"] for e in body["errors"]] == [2]
+        assert "serving with transformers" in svc.server.log()
+    finally:
+        svc.server.stop()
