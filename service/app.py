@@ -206,6 +206,7 @@ def create_app(settings: Settings, engine: Engine) -> Litestar:
             "model_dir": str(settings.model_dir),
             "max_model_len": engine.max_model_len,
             "ready_after_s": state.ready_after,
+            "engine_init_s": engine.init_seconds,
             "chat_format": None if state.answerer is None else
             ("fast" if state.answerer.planner.formatter.fast else "template"),
             "settings": settings.public(),

@@ -71,6 +71,7 @@ class Engine(Protocol):
     name: str
     notice: str | None  # set when the backend was chosen by fallback (USE_VLLM=auto)
     stats: EngineStats
+    init_seconds: float | None  # how long ``start`` took
 
     def check(self) -> None:
         """Import the backend now (fast); raise EngineUnavailable with the reason."""

@@ -42,6 +42,7 @@ class TransformersEngine:
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._dead: str | None = None
+        self.init_seconds: float | None = None
 
     def check(self) -> None:
         require_import("torch", "torch", HF_HINT)
@@ -51,6 +52,7 @@ class TransformersEngine:
         self.check()
         started = time.perf_counter()
         await asyncio.to_thread(self._load)
+        self.init_seconds = time.perf_counter() - started
         self._queue = asyncio.Queue()
         self._worker = asyncio.create_task(self._run(), name="transformers-worker")
         log.warning("transformers backend ready in %.1f s (slow path; frequency_penalty is ignored)",

@@ -126,6 +126,7 @@ class VllmEngine:
         self._ids = itertools.count()
         self._gate = asyncio.Semaphore(settings.batch_concurrency)
         self._dead: str | None = None
+        self.init_seconds: float | None = None
 
     def check(self) -> None:
         require_import("vllm", "vLLM", VLLM_HINT)
@@ -147,7 +148,8 @@ class VllmEngine:
             AsyncLLM.from_engine_args, args, stat_loggers=[_stat_logger_factory(self.stats)]
         )
         self._tokenizer = self._llm.get_tokenizer()
-        log.info("vLLM engine ready in %.1f s (model %s)", time.perf_counter() - started, s.model_dir)
+        self.init_seconds = time.perf_counter() - started
+        log.info("vLLM engine ready in %.1f s (model %s)", self.init_seconds, s.model_dir)
 
     @property
     def tokenizer(self) -> Any:
