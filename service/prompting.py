@@ -31,6 +31,11 @@ class Route(StrEnum):
     HARD = "hard"
 
 
+def _unique(keywords: tuple[str, ...]) -> tuple[str, ...]:
+    """Lower-cased keywords without repeats (a keyword listed twice still counts once)."""
+    return tuple(dict.fromkeys(k.lower() for k in keywords if k))
+
+
 def _hits(text: str, keywords: tuple[str, ...]) -> int:
     """How many of ``keywords`` occur in ``text`` (``text`` already lower-case), each counted once."""
     return sum(1 for k in keywords if k and k.lower() in text)
@@ -51,9 +56,9 @@ class Router:
         long = (LONG_ANSWER_SIGNALS if s.long_answer_enable_default else ()) + s.long_answer_keywords
         hard = HARD_CODE_SIGNALS + s.hard_code_question_keywords
         return cls(
-            hard=tuple(k.lower() for k in hard),
-            long=tuple(k.lower() for k in long),
-            code=tuple(k.lower() for k in CODE_SIGNALS + s.code_question_keywords + s.hard_code_question_keywords),
+            hard=_unique(hard),
+            long=_unique(long),
+            code=_unique(CODE_SIGNALS + s.code_question_keywords + s.hard_code_question_keywords),
             hard_min=s.hard_code_min_hits,
             long_min=s.long_answer_min_hits,
         )
@@ -88,7 +93,7 @@ class Formatter:
     fast path exactly is the fast path used, otherwise every question goes through the template.
     """
 
-    PROBES = ("什么是CUDA？", "Explain `kernel<<<1, 32>>>()`.\nLine two.", "")
+    PROBES = ("什么是CUDA？", "Explain `kernel<<<1, 32>>>()`.\nLine two.", "", " \n 什么是warp？ \n")
 
     def __init__(self, tokenizer: ChatTemplate | None, system: str):
         self.tokenizer = tokenizer
@@ -167,8 +172,9 @@ def strip_think(text: str) -> str:
     if "<think>" not in text:
         return text
     outside = _THINK.sub("", text)
-    if "<think>" in outside:  # an unclosed block: drop the tag, keep what follows
-        outside = outside.replace("<think>", "")
+    if "<think>" in outside:  # an unclosed block: keep the answer before it, else what follows the tag
+        head, _, tail = outside.partition("<think>")
+        outside = head if head.strip() else tail
     if outside.strip():
         return outside.strip()
     return "\n".join(m.strip() for m in _THINK.findall(text)).strip()

@@ -136,7 +136,7 @@ def _level(raw: str) -> str:
 
 def var(parse: Callable[[str], Any], doc: str, *, secret: bool = False) -> Any:
     """A settings field read from the variable of the same name in upper case."""
-    return field(metadata={"parse": parse, "doc": doc, "secret": secret})
+    return field(repr=not secret, metadata={"parse": parse, "doc": doc, "secret": secret})
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,8 +120,6 @@ def test_long_answer_min_hits_2_needs_two_keywords() -> None:
     assert r.route("如何用Triton实现GEMM并使用Tensor Cores？") is Route.LONG
 
 
-@pytest.mark.xfail(strict=True, reason="a keyword listed twice (built-in + *_KEYWORDS, or in two cases) "
-                                       "counts as two hits against *_MIN_HITS")
 def test_a_keyword_listed_twice_counts_once() -> None:
     # A user who copies the old script's full list into LONG_ANSWER_KEYWORDS repeats the built-in ones.
     r = router(LONG_ANSWER_MIN_HITS="2", LONG_ANSWER_KEYWORDS="GEMM,spmv")
@@ -235,7 +233,6 @@ def test_unclosed_think_alone_keeps_its_text() -> None:
     assert strip_think("<think>warp是32个线程组成的调度单位") == "warp是32个线程组成的调度单位"
 
 
-@pytest.mark.xfail(strict=True, reason="an unclosed <think> after the answer leaks the cut-off thinking into it")
 def test_unclosed_think_after_an_answer_is_dropped() -> None:
     answer = "<think>先想定义</think>warp是32个线程组成的调度单位。<think>再想想是否要提到"
     assert strip_think(answer) == "warp是32个线程组成的调度单位。"
@@ -406,8 +403,6 @@ def test_a_different_template_is_used_as_is(demo_model: Path, tmp_path: Path) ->
     assert [formatter(q) for q in QUESTIONS] == expected
 
 
-@pytest.mark.xfail(strict=True, reason="Formatter's probes have no surrounding whitespace, so a template that "
-                                       "trims the content passes them and the fast path is used although it differs")
 def test_a_template_that_trims_content_is_not_taken_for_the_fast_path(demo_model: Path, tmp_path: Path) -> None:
     tokenizer = tokenizer_with_template(demo_model, tmp_path, TRIM_TEMPLATE)
     formatter = Formatter(tokenizer, SYSTEM)

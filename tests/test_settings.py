@@ -214,7 +214,6 @@ def test_secrets_are_not_in_a_settings_error() -> None:
     assert ADMIN not in str(info.value) and MS_TOKEN not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="the dataclass repr of Settings prints secret values (field repr not off)")
 def test_secrets_are_not_in_the_repr() -> None:
     s = Settings.from_environ({"ADMIN_TOKEN": ADMIN, "MODELSCOPE_API_TOKEN": MS_TOKEN})
     assert ADMIN not in repr(s) and MS_TOKEN not in repr(s)
