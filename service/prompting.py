@@ -246,8 +246,9 @@ class Planner:
         self.stop_ids = stop_ids
         self.post = PostProcessor.from_settings(settings, self.router)
 
-    def plan(self, questions: list[str], overrides: Overrides = Overrides()) -> list[Plan]:
+    def plan(self, questions: list[str], overrides: Overrides | None = None) -> list[Plan]:
         s = self.settings
+        overrides = overrides or Overrides()
         prompts = self.formatter.many(questions)
         cache: dict[int, dict[str, Any]] = {}
         plans = []

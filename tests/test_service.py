@@ -141,7 +141,7 @@ MALFORMED: list[tuple[str, str, bytes | None, str]] = [
     ("POST", "/predict", b'{"prompt": "q", "repetition_penalty": 100}', "repetition_penalty"),
     ("POST", "/predict", b'{"prompt": "q", "frequency_penalty": 3}', "frequency_penalty"),
     ("POST", "/predict", b'{"prompt": "q", "unknown": 1}', "unknown"),
-    ("POST", "/predict", "{\"prompt\": \"\\ud800\"}".encode(), ""),
+    ("POST", "/predict", b"{\"prompt\": \"\\ud800\"}", ""),
     ("POST", "/predict", b"\xff\xfe\x00", "JSON"),
     ("POST", "/predict", ("很长的问题" * 3000).join(['{"prompt": "', '"}']).encode(), "MAX_MODEL_LEN"),
     ("GET", "/predict", None, "Method"),
