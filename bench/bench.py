@@ -1,0 +1,356 @@
+"""``inv bench``: the service's throughput against the engine's own ceiling, measured in one run.
+
+A client of the service: it starts the service as a subprocess (``python -m service`` on a free port)
+or targets ``--url``, and sends the evaluation harness's request (every question in one
+``POST /predict``).  ``--ceiling`` also builds vLLM's offline ``LLM`` in this process with the same
+engine arguments, the same chat-formatted prompts and the same per-question sampling parameters
+(``service.prompting.Planner``), and times one ``LLM.generate`` call.  Runs alternate
+(service, ceiling, service, ...) and each figure is reported as median and spread.
+``--concurrency C`` sends single-question requests from C clients instead and compares them with the
+same questions in one request.
+
+Run as ``python -m bench.bench`` (``inv bench`` does that with the project's interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pmpp_qa.jsonl"
+
+
+# --- HTTP client -------------------------------------------------------------------------------
+
+def request(method: str, url: str, body: Any = None, timeout: float = 3600) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def generated_tokens(url: str) -> float:
+    """Sum of ``qa_generated_tokens_total`` over routes, from the service's /metrics."""
+    _, text = request("GET", url + "/metrics", timeout=30)
+    return sum(float(v) for v in re.findall(r"^qa_generated_tokens_total\{[^}]*\} ([0-9.e+]+)$", text, re.M))
+
+
+def wait_ready(url: str, timeout: float, proc: Any = None) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"[bench] the service exited with {proc.returncode} before it was ready")
+        try:
+            status, body = request("GET", url + "/", timeout=5)
+        except OSError:
+            time.sleep(0.3)
+            continue
+        if isinstance(body, dict) and body.get("status") in ("batch", "ok"):
+            return body
+        if isinstance(body, dict) and body.get("status") == "error":
+            raise SystemExit(f"[bench] the service failed to start: {body}")
+        time.sleep(0.3)
+    raise SystemExit(f"[bench] the service was not ready after {timeout:.0f} s")
+
+
+# --- the service under test ----------------------------------------------------------------------
+
+@contextmanager
+def started_service(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, int]]:
+    """``python -m service`` on a free port; yields (url, pid); stops the whole process tree."""
+    import signal
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))}
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
+                                 "--no-access-log"], env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, 900, proc)
+            yield url, proc.pid
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def rss_mb(pid: int, key: str = "VmRSS") -> float:
+    """Resident memory of one process (not its children) in MB; VmHWM is the peak."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# --- measurements ---------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    seconds: float
+    questions: int
+    tokens: float
+    errors: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def service_batch(url: str, questions: list[str]) -> Run:
+    before = generated_tokens(url)
+    started = time.perf_counter()
+    status, body = request("POST", url + "/predict", {"prompt": questions})
+    seconds = time.perf_counter() - started
+    if status != 200 or len(body.get("response", [])) != len(questions):
+        raise SystemExit(f"[bench] /predict answered {status}: {str(body)[:500]}")
+    return Run(seconds, len(questions), generated_tokens(url) - before, len(body.get("errors", [])))
+
+
+def service_concurrent(url: str, questions: list[str], clients: int) -> Run:
+    before = generated_tokens(url)
+
+    def ask(question: str) -> int:
+        status, body = request("POST", url + "/predict", {"prompt": question})
+        if status != 200:
+            raise SystemExit(f"[bench] /predict answered {status}: {str(body)[:300]}")
+        return 0
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(ask, questions))
+    seconds = time.perf_counter() - started
+    return Run(seconds, len(questions), generated_tokens(url) - before)
+
+
+class Ceiling:
+    """vLLM's offline ``LLM`` with the service's engine arguments, prompts and sampling parameters."""
+
+    def __init__(self, settings: Any):
+        from vllm import LLM
+
+        from service.prompting import Formatter, Planner
+        from service.vllm_engine import engine_args, stop_token_ids
+
+        started = time.perf_counter()
+        self.llm = LLM(**engine_args(settings))
+        self.init_seconds = time.perf_counter() - started
+        tokenizer = self.llm.get_tokenizer()
+        self.tokenizer = tokenizer
+        self.pretokenize = settings.pretokenize
+        self.planner = Planner(settings, Formatter(tokenizer, settings.load_system_prompt()), stop_token_ids(tokenizer))
+
+    def run(self, questions: list[str]) -> Run:
+        from vllm import SamplingParams
+
+        started = time.perf_counter()
+        plans = self.planner.plan(questions)
+        shared: dict[int, SamplingParams] = {}
+        params = [shared.setdefault(id(p.sampling), SamplingParams(**p.sampling)) for p in plans]
+        prompts: list[Any] = [p.prompt for p in plans]
+        if self.pretokenize:
+            ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+            prompts = [{"prompt_token_ids": i} for i in ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        post = self.planner.post
+        answers = [post(q, o.outputs[0].text, p.short) for q, o, p in zip(questions, outputs, plans, strict=True)]
+        seconds = time.perf_counter() - started
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        assert len(answers) == len(questions)
+        return Run(seconds, len(questions), tokens)
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+@dataclass
+class Report:
+    questions: int
+    rounds: int
+    mode: str
+    service: dict[str, Any] = field(default_factory=dict)
+    ceiling: dict[str, Any] = field(default_factory=dict)
+    ratio: dict[str, float] = field(default_factory=dict)
+    startup: dict[str, Any] = field(default_factory=dict)
+    memory_mb: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def summarize(runs: list[Run]) -> dict[str, Any]:
+    return {
+        "seconds": spread([r.seconds for r in runs]),
+        "questions_per_s": spread([r.questions / r.seconds for r in runs]),
+        "tokens_per_s": spread([r.tokens_per_s for r in runs]),
+        "tokens": spread([r.tokens for r in runs]),
+        "errors": max(r.errors for r in runs),
+        "runs_s": [round(r.seconds, 3) for r in runs],
+    }
+
+
+def table(report: Report) -> str:
+    lines = [f"{report.questions} questions, {report.rounds} rounds, {report.mode}"]
+    header = f"{'':<22}{'median s':>10}{'min s':>9}{'max s':>9}{'q/s':>9}{'tok/s':>10}"
+    lines.append(header)
+    for name, part in (("service", report.service), ("ceiling (LLM.generate)", report.ceiling)):
+        if not part:
+            continue
+        s = part["seconds"]
+        lines.append(f"{name:<22}{s['median']:>10.2f}{s['min']:>9.2f}{s['max']:>9.2f}"
+                     f"{part['questions_per_s']['median']:>9.1f}{part['tokens_per_s']['median']:>10.0f}")
+    for key, value in report.ratio.items():
+        lines.append(f"ratio {key}: {value:.3f}")
+    for key, value in {**report.startup, **report.memory_mb}.items():
+        lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+def load_questions(path: Path, n: int, offset: int) -> list[str]:
+    from bench.data import load_pairs
+
+    pairs = load_pairs(path, n=n, offset=offset)
+    if len(pairs) < n:
+        log.warning("[bench] %s has only %d questions from offset %d", path, len(pairs), offset)
+    return [q for q, _ in pairs]
+
+
+def service_env(preset: str | None, overrides: list[str]) -> dict[str, str]:
+    """The service's environment: the preset layered over this shell (setdefault), plus KEY=VALUE pairs."""
+    from env import layer
+
+    env = dict(os.environ)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        env[key] = value
+    env.update({k: v.value for k, v in layer(env, preset).items()})
+    return env
+
+
+def measure(args: argparse.Namespace) -> Report:
+    from service.settings import Settings
+
+    env = service_env(args.preset, args.set)
+    questions = load_questions(args.data, args.n, args.offset)
+    settings = Settings.from_environ(env)
+    mode = f"concurrency {args.concurrency}" if args.concurrency else "one request"
+    report = Report(len(questions), args.rounds, mode, settings={
+        "MODEL_DIR": str(settings.model_dir), "DISABLE_TOKEN_ROUTING": settings.disable_token_routing,
+        "VLLM_MAX_NUM_SEQS": settings.vllm_max_num_seqs, "BATCH_CONCURRENCY": settings.batch_concurrency,
+        "PRETOKENIZE": settings.pretokenize})
+    ceiling = None
+    if args.ceiling:
+        log.info("[bench] building the ceiling engine (vLLM LLM, in process)")
+        ceiling = Ceiling(settings)
+        report.startup["ceiling_engine_init_s"] = round(ceiling.init_seconds, 2)
+    try:
+        with _target(args, env) as (url, pid):
+            status, info = request("GET", url + "/info")
+            report.startup.update({k: info.get(k) for k in ("ready_after_s", "engine_init_s") if k in info})
+            service_runs: list[Run] = []
+            ceiling_runs: list[Run] = []
+            batch_runs: list[Run] = []
+            for round_ in range(1, args.rounds + 1):
+                if args.concurrency:
+                    service_runs.append(service_concurrent(url, questions, args.concurrency))
+                    batch_runs.append(service_batch(url, questions))
+                else:
+                    service_runs.append(service_batch(url, questions))
+                if ceiling is not None:
+                    ceiling_runs.append(ceiling.run(questions))
+                log.info("[bench] round %d/%d: service %.2f s%s", round_, args.rounds, service_runs[-1].seconds,
+                         f", ceiling {ceiling_runs[-1].seconds:.2f} s" if ceiling_runs else "")
+            if pid is not None:
+                report.memory_mb = {"api_process_rss_mb": round(rss_mb(pid), 1),
+                                    "api_process_peak_rss_mb": round(rss_mb(pid, "VmHWM"), 1)}
+    finally:
+        if ceiling is not None:
+            ceiling.close()
+    report.service = summarize(service_runs)
+    if ceiling_runs:
+        report.ceiling = summarize(ceiling_runs)
+        report.ratio["service/ceiling (median seconds)"] = (
+            report.service["seconds"]["median"] / report.ceiling["seconds"]["median"])
+        report.ratio["service/ceiling (paired, median)"] = statistics.median(
+            s.seconds / c.seconds for s, c in zip(service_runs, ceiling_runs, strict=True))
+    if batch_runs:
+        report.ceiling = summarize(batch_runs) if not ceiling_runs else report.ceiling
+        report.ratio["concurrent/one request (paired, median)"] = statistics.median(
+            s.seconds / b.seconds for s, b in zip(service_runs, batch_runs, strict=True))
+    return report
+
+
+@contextmanager
+def _target(args: argparse.Namespace, env: dict[str, str]) -> Iterator[tuple[str, int | None]]:
+    if args.url:
+        wait_ready(args.url, 60)
+        yield args.url.rstrip("/"), None
+        return
+    log_path = Path(args.log)
+    log.info("[bench] starting the service (log: %s)", log_path)
+    with started_service(env, log_path) as (url, pid):
+        yield url, pid
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="inv bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="benchmark a running service instead of starting one")
+    p.add_argument("--preset", default=None, help="preset for the service started here (e.g. demo)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="question file (jsonl, messages format)")
+    p.add_argument("--n", type=int, default=2000, help="number of questions")
+    p.add_argument("--offset", type=int, default=0, help="first question")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    p.add_argument("--ceiling", action="store_true", help="also time vLLM's offline LLM.generate in process")
+    p.add_argument("--concurrency", type=int, default=0, help="C clients sending single questions")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="variable for both engines")
+    p.add_argument("--log", default="bench-service.log", help="where the started service logs")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
+    report = measure(args)
+    print(json.dumps(asdict(report), indent=2) if args.json else table(report))  # noqa: T201 - the report
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
