@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from service.engine import Engine, Item
 from service.prompting import Formatter, Overrides, Planner
 from service.settings import Settings
+from service.wire import Answers
 
 log = logging.getLogger("service")
-
-
-@dataclass(slots=True)
-class Answers:
-    texts: list[str]
-    errors: list[tuple[int, str]]
-    tokens: int
-    tokens_by_route: dict[str, int]
 
 
 class Answerer:

@@ -1,4 +1,4 @@
-"""The Litestar app: ``create_app(settings, engine)``; its lifespan owns the engine.
+"""The Litestar app: ``create_app(settings, engine)``; its lifespan owns the engine (an ``EngineClient``).
 
 The port opens at once and ``GET /`` answers ``warming`` while the engine loads and warms up in the
 background; then ``batch`` (BATCH_MODE=1) or ``ok``.  An engine that failed or died reports
@@ -21,8 +21,8 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.answer import Answerer
-from service.engine import Engine, EngineDead, EngineUnavailable
+from service.client import EngineClient
+from service.engine import EngineDead, EngineUnavailable
 from service.metrics import CONTENT_TYPE, Metrics
 from service.prompting import Overrides
 from service.schemas import (
@@ -54,11 +54,10 @@ class QAState:
     """Everything one app instance owns (no module-global state)."""
 
     settings: Settings
-    engine: Engine
+    engine: EngineClient
     metrics: Metrics
     status: str = "warming"  # warming | ready | error
     problem: str | None = None
-    answerer: Answerer | None = None
     started: float = field(default_factory=time.monotonic)
     ready_after: float | None = None
 
@@ -77,10 +76,10 @@ class QAState:
 
     async def boot(self) -> None:
         """Load the engine, build the answerer, warm up; then ready (or error with the reason)."""
-        s = self.settings
         try:
             await self.engine.start()
-            self.answerer = Answerer(s, self.engine, s.load_system_prompt())
+            log.info("chat formatting: %s", "fast <|im_start|> path (byte-identical to the template)"
+                     if self.engine.chat_format == "fast" else "the tokenizer's chat template")
             await self.warmup()
         except asyncio.CancelledError:
             raise
@@ -94,13 +93,12 @@ class QAState:
 
     async def warmup(self) -> None:
         s = self.settings
-        assert self.answerer is not None
         questions = load_questions(s.warmup_data_path, s.warmup_num_samples)
         if not questions or s.warmup_repeat == 0:
             return
         for round_ in range(1, s.warmup_repeat + 1):
             started = time.perf_counter()
-            result = await self.answerer.answer(questions)
+            result = await self.engine.answer(questions, Overrides())
             log.info("warmup %d/%d: %d questions, %d tokens in %.1f s", round_, s.warmup_repeat,
                      len(questions), result.tokens, time.perf_counter() - started)
 
@@ -131,7 +129,7 @@ def _questions(prompt: str | list[str], limit: int) -> list[str]:
     return prompt
 
 
-def create_app(settings: Settings, engine: Engine) -> Litestar:
+def create_app(settings: Settings, engine: EngineClient) -> Litestar:
     """The ASGI app serving ``engine`` with ``settings``; the engine starts and stops with the app."""
     state = QAState(settings, engine, Metrics(engine.stats))
 
@@ -170,7 +168,7 @@ def create_app(settings: Settings, engine: Engine) -> Litestar:
             raise ClientError(400, "empty_body", 'the body is empty: send {"prompt": "question"} or a list')
         req = decode_predict(body)
         questions = _questions(req.prompt, settings.max_batch_questions)
-        if state.answerer is None or state.status != "ready":
+        if state.status != "ready":
             _, health_body = state.health()
             raise EngineDead(f"not ready ({health_body['status']}): retry when GET / says ready")
         limit = engine.max_model_len
@@ -181,7 +179,7 @@ def create_app(settings: Settings, engine: Engine) -> Litestar:
         overrides = Overrides(req.max_new_tokens, req.temperature, req.top_p, req.top_k,
                               req.repetition_penalty, req.frequency_penalty)
         started = time.perf_counter()
-        result = await state.answerer.answer(questions, overrides)
+        result = await engine.answer(questions, overrides)
         m = state.metrics
         m.latency.observe(time.perf_counter() - started)
         m.batch.observe(len(questions))
@@ -207,15 +205,13 @@ def create_app(settings: Settings, engine: Engine) -> Litestar:
             "max_model_len": engine.max_model_len,
             "ready_after_s": state.ready_after,
             "engine_init_s": engine.init_seconds,
-            "chat_format": None if state.answerer is None else
-            ("fast" if state.answerer.planner.formatter.fast else "template"),
+            "chat_format": engine.chat_format,
             "settings": settings.public(),
         })
 
     @get("/system_prompt", sync_to_thread=False)
     def read_system_prompt() -> Response[bytes]:
-        text = state.answerer.system_prompt if state.answerer else settings.load_system_prompt()
-        return _json(SystemPrompt(text))
+        return _json(SystemPrompt(engine.system_prompt or settings.load_system_prompt()))
 
     @post("/system_prompt")
     async def write_system_prompt(request: Request) -> Response[bytes]:
@@ -230,11 +226,11 @@ def create_app(settings: Settings, engine: Engine) -> Litestar:
             raise ClientError(403, "forbidden",
                               "writing the system prompt is allowed from loopback only while ADMIN_TOKEN is unset")
         new = decode_system_prompt(await request.body())
-        if state.answerer is None:
+        if state.status != "ready":
             raise EngineDead("not ready: the system prompt can be replaced once the engine is up")
-        state.answerer.set_system_prompt(new.system_prompt)
+        await engine.set_system_prompt(new.system_prompt)
         log.info("system prompt replaced (%d characters)", len(new.system_prompt))
-        return _json(SystemPrompt(state.answerer.system_prompt))
+        return _json(SystemPrompt(engine.system_prompt))
 
     @get("/metrics", sync_to_thread=False)
     def metrics() -> Response[bytes]:

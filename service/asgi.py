@@ -13,7 +13,8 @@ import sys
 from litestar import Litestar
 
 from service.app import create_app
-from service.engine import EngineUnavailable, build_engine
+from service.client import ProcessEngineClient, engine_environ
+from service.engine import EngineUnavailable
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("service")
@@ -34,9 +35,9 @@ def create_app_from_env() -> Litestar:
         log.error("%s", exc)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
+    engine = ProcessEngineClient(settings, engine_environ(os.environ))
     try:
-        engine = build_engine(settings)
-        engine.check()  # a broken backend is a clear start-up error, not a crash after minutes of loading
+        engine.check()  # the worker imports the backend: a broken one is a clear error, not a crash later
     except EngineUnavailable as exc:
         log.error("%s", exc)
         raise SystemExit(3) from None

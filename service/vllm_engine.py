@@ -11,13 +11,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from service.engine import EngineDead, EngineStats, EngineUnavailable, Item, Outcome, require_import
+from service.procs import reap_children
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -225,61 +223,3 @@ class VllmEngine:
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
         await asyncio.to_thread(reap_children)
-
-
-def reap_children(timeout: float = 10.0) -> None:
-    """Stop every process this one started (engine core, workers) that outlived the engine's shutdown.
-
-    multiprocessing's resource tracker is left alone: it ignores SIGTERM and exits with this process.
-    """
-    me = os.getpid()
-    deadline = time.monotonic() + timeout
-    sig = signal.SIGTERM
-    while pids := _descendants(me):
-        if time.monotonic() > deadline:
-            sig = signal.SIGKILL
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                continue
-        time.sleep(0.2)
-        if sig is signal.SIGKILL:
-            log.warning("engine child processes %s needed SIGKILL", pids)
-            _wait_zombies(pids)
-            break
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] == "Z" or b"resource_tracker" in _cmdline(entry):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def _cmdline(entry: Path) -> bytes:
-    try:
-        return (entry / "cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _wait_zombies(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            continue

@@ -1,0 +1,133 @@
+"""Messages between the API process and the engine worker: length-prefixed msgpack frames."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import struct
+from typing import Any
+
+import msgspec
+from msgspec import Struct
+
+from service.prompting import Overrides
+
+_LEN = struct.Struct("!I")
+
+
+class Answers(Struct):
+    """One request's result: answers in order, per-item errors, generated tokens (total and by route)."""
+
+    texts: list[str]
+    errors: list[tuple[int, str]]
+    tokens: int
+    tokens_by_route: dict[str, int]
+
+
+# API -> worker
+class Start(Struct, tag=True):
+    pass
+
+
+class Ask(Struct, tag=True):
+    id: int
+    questions: list[str]
+    overrides: dict[str, Any]
+
+
+class SetPrompt(Struct, tag=True):
+    id: int
+    text: str
+
+
+class Stop(Struct, tag=True):
+    pass
+
+
+# worker -> API
+class Hello(Struct, tag=True):
+    backend: str
+    notice: str | None
+
+
+class Failed(Struct, tag=True):
+    message: str
+    code: int
+
+
+class Ready(Struct, tag=True):
+    init_seconds: float | None
+    max_model_len: int
+    chat_format: str | None
+    system_prompt: str
+
+
+class Answered(Struct, tag=True):
+    id: int
+    answers: Answers
+
+
+class PromptSet(Struct, tag=True):
+    id: int
+    system_prompt: str
+    chat_format: str | None
+
+
+class Dead(Struct, tag=True):
+    id: int
+    message: str
+
+
+class Stats(Struct, tag=True):
+    in_flight: int
+    peak_in_flight: int
+    running: int
+    peak_running: int
+    waiting: int
+
+
+Message = Start | Ask | SetPrompt | Stop | Hello | Failed | Ready | Answered | PromptSet | Dead | Stats
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def frame(message: Message) -> bytes:
+    body = _encoder.encode(message)
+    return _LEN.pack(len(body)) + body
+
+
+def send(writer: asyncio.StreamWriter, message: Message) -> None:
+    writer.write(frame(message))
+
+
+async def recv(reader: asyncio.StreamReader) -> Message:
+    (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+    return _decoder.decode(await reader.readexactly(size))
+
+
+def send_sync(sock: socket.socket, message: Message) -> None:
+    sock.sendall(frame(message))
+
+
+def recv_sync(sock: socket.socket) -> Message:
+    def exactly(n: int) -> bytes:
+        chunks, left = [], n
+        while left:
+            chunk = sock.recv(left)
+            if not chunk:
+                raise EOFError("the other side closed the connection")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    (size,) = _LEN.unpack(exactly(_LEN.size))
+    return _decoder.decode(exactly(size))
+
+
+def overrides_out(o: Overrides) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(o).items() if v is not None}
+
+
+def overrides_in(values: dict[str, Any]) -> Overrides:
+    return Overrides(**values)

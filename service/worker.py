@@ -1,0 +1,133 @@
+"""``python -m service.worker FD``: the engine worker, hosting a ``LocalEngineClient``.
+
+Started by ``ProcessEngineClient`` with one end of a socket pair.  It builds the settings from its
+environment (the API process's), imports the backend and says Hello (or Failed), then on Start loads
+the engine and answers Ask/SetPrompt messages concurrently until Stop or until the API process goes
+away; either way the engine and its processes are shut down before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+
+from service import wire
+from service.client import LocalEngineClient
+from service.engine import EngineDead, EngineUnavailable, build_engine
+from service.procs import reap_children
+from service.settings import Settings, SettingsError
+
+log = logging.getLogger("service")
+STATS_EVERY = 0.25
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the API process dies, so the engine never outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+async def _push_stats(client: LocalEngineClient, writer: asyncio.StreamWriter) -> None:
+    last = None
+    while True:
+        s = client.stats
+        now = (s.in_flight, s.peak_in_flight, s.running, s.peak_running, s.waiting)
+        if now != last:
+            wire.send(writer, wire.Stats(*now))
+            last = now
+        await asyncio.sleep(STATS_EVERY)
+
+
+async def _handle(client: LocalEngineClient, message: wire.Ask | wire.SetPrompt, writer: asyncio.StreamWriter) -> None:
+    try:
+        if isinstance(message, wire.Ask):
+            answers = await client.answer(message.questions, wire.overrides_in(message.overrides))
+            wire.send(writer, wire.Answered(message.id, answers))
+        else:
+            await client.set_system_prompt(message.text)
+            wire.send(writer, wire.PromptSet(message.id, client.system_prompt, client.chat_format))
+    except EngineDead as exc:
+        wire.send(writer, wire.Dead(message.id, str(exc)))
+    await writer.drain()
+
+
+async def serve(client: LocalEngineClient, sock: socket.socket) -> None:
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**26)
+    try:
+        start = await wire.recv(reader)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return
+    if not isinstance(start, wire.Start):
+        return
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        try:
+            await client.start()
+        except (EngineUnavailable, EngineDead, OSError, RuntimeError, ValueError) as exc:
+            log.error("engine start-up failed: %s: %s", type(exc).__name__, exc)
+            wire.send(writer, wire.Failed(f"{type(exc).__name__}: {exc}", 1))
+            await writer.drain()
+            return
+        wire.send(writer, wire.Ready(client.init_seconds, client.max_model_len, client.chat_format,
+                                     client.system_prompt))
+        tasks.add(asyncio.create_task(_push_stats(client, writer)))
+        while True:
+            try:
+                message = await wire.recv(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                log.warning("the API process went away; stopping the engine")
+                break
+            if isinstance(message, wire.Stop):
+                break
+            if isinstance(message, wire.Ask | wire.SetPrompt):
+                task = asyncio.create_task(_handle(client, message, writer))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await client.shutdown()
+        writer.close()
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    sock = socket.socket(fileno=int(argv[0]))
+    try:
+        settings = Settings.from_environ(os.environ)
+    except SettingsError as exc:
+        wire.send_sync(sock, wire.Failed(str(exc), 2))
+        return 2
+    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+                        format="%(asctime)s %(levelname)s [service] %(message)s", stream=sys.stderr)
+    try:
+        engine = build_engine(settings)
+        engine.check()
+    except EngineUnavailable as exc:
+        wire.send_sync(sock, wire.Failed(str(exc), 3))
+        return 3
+    wire.send_sync(sock, wire.Hello(engine.name, engine.notice))
+    # SIGTERM/SIGINT (from the API process dying, or a Ctrl-C to the group) end serve() cleanly.
+    loop = asyncio.new_event_loop()
+    client = LocalEngineClient(settings, engine)
+    main_task = loop.create_task(serve(client, sock))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, main_task.cancel)
+    try:
+        loop.run_until_complete(main_task)
+    except asyncio.CancelledError:
+        loop.run_until_complete(client.shutdown())
+    finally:
+        loop.close()
+        reap_children()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
