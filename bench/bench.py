@@ -226,13 +226,15 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
 
 def table(report: Report) -> str:
     lines = [f"{report.questions} questions, {report.rounds} rounds, {report.mode}"]
-    header = f"{'':<22}{'median s':>10}{'min s':>9}{'max s':>9}{'q/s':>9}{'tok/s':>10}"
+    header = f"{'':<24}{'median s':>10}{'min s':>9}{'max s':>9}{'q/s':>9}{'tok/s':>10}"
     lines.append(header)
-    for name, part in (("service", report.service), ("ceiling (LLM.generate)", report.ceiling)):
+    names = (("service, C clients", "service, one request") if report.mode.startswith("concurrency")
+             else ("service", "ceiling (LLM.generate)"))
+    for name, part in zip(names, (report.service, report.ceiling), strict=True):
         if not part:
             continue
         s = part["seconds"]
-        lines.append(f"{name:<22}{s['median']:>10.2f}{s['min']:>9.2f}{s['max']:>9.2f}"
+        lines.append(f"{name:<24}{s['median']:>10.2f}{s['min']:>9.2f}{s['max']:>9.2f}"
                      f"{part['questions_per_s']['median']:>9.1f}{part['tokens_per_s']['median']:>10.0f}")
     for key, value in report.ratio.items():
         lines.append(f"ratio {key}: {value:.3f}")
