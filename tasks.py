@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
+from env import PROJECT_ROOT
 from env.launcher import LaunchError, RunOptions, download_only, run_tool, setup_logging, show_env
 from env.launcher import run as run_launcher
 
@@ -114,7 +115,8 @@ def bench(c: Context, url: str = "", preset: str = "", data: str = "", n: int = 
 
 @task(name="eval", help={
     "url": "the running service (default http://127.0.0.1:8000)",
-    "data": "question/reference file: jsonl (messages format) or .docx (问题：/答案： paragraphs)",
+    "data": "question/reference file: jsonl (messages format) or .docx (问题：/答案： paragraphs); "
+            "default ../shared/data/pmpp_qa.jsonl",
     "n": "number of questions (default: all)",
     "offset": "index of the first question",
     "worst": "how many of the worst-scoring items to show (default 5)",
@@ -124,7 +126,8 @@ def evaluate(c: Context, url: str = "http://127.0.0.1:8000", data: str = "", n: 
              worst: int = 5, json: bool = False) -> None:
     """ROUGE-L F1 (jieba) per route, answer length and tokens/s of a running service."""
     setup_logging()
-    argv = _flags(url=url, data=data, n=n, offset=offset, worst=worst, json=json)
+    path = data or str(PROJECT_ROOT.parent / "shared" / "data" / "pmpp_qa.jsonl")
+    argv = [path, *_flags(url=url, offset=offset, worst=worst, json=json)] + (["-n", str(n)] if n else [])
     raise Exit(code=run_tool("bench.evaluate", argv))
 
 
