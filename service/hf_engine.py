@@ -23,6 +23,11 @@ BATCH = 16
 HF_HINT = "USE_VLLM=false requires torch and transformers: `pip install -r requirements/cpu.txt`."
 
 
+def _decoding_key(sampling: dict[str, Any]) -> tuple[object, ...]:
+    keys = ("temperature", "top_p", "top_k", "repetition_penalty")
+    return tuple(sampling[k] for k in keys) + (tuple(sampling["stop_token_ids"]),)
+
+
 @dataclass(slots=True)
 class _Job:
     item: Item
@@ -105,22 +110,29 @@ class TransformersEngine:
             jobs = [await self._queue.get()]
             while len(jobs) < BATCH and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
-            jobs = [j for j in jobs if not j.future.done()]
-            if not jobs:
-                continue
-            self.stats.enter(len(jobs))
-            self.stats.scheduler(len(jobs), self._queue.qsize())
-            try:
-                outcomes = await asyncio.to_thread(self._generate_batch, jobs)
-            except (RuntimeError, ValueError) as exc:  # torch raises these for bad inputs / OOM
-                outcomes = [Outcome(error=f"transformers generate failed: {exc}") for _ in jobs]
-            finally:
-                self.stats.leave(len(jobs))
-            for job, outcome in zip(jobs, outcomes, strict=True):
+            groups: dict[tuple[object, ...], list[_Job]] = {}
+            for job in jobs:
                 if not job.future.done():
-                    job.future.set_result(outcome)
+                    groups.setdefault(_decoding_key(job.item.sampling), []).append(job)
+            for group in groups.values():
+                await self._run_batch(group)
+
+    async def _run_batch(self, jobs: list[_Job]) -> None:
+        """One ``generate`` for questions that share their decoding parameters."""
+        self.stats.enter(len(jobs))
+        self.stats.scheduler(len(jobs), self._queue.qsize() if self._queue else 0)
+        try:
+            outcomes = await asyncio.to_thread(self._generate_batch, jobs)
+        except (RuntimeError, ValueError) as exc:  # torch raises these for bad inputs / OOM
+            outcomes = [Outcome(error=f"transformers generate failed: {exc}") for _ in jobs]
+        finally:
+            self.stats.leave(len(jobs))
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if not job.future.done():
+                job.future.set_result(outcome)
 
     def _generate_batch(self, jobs: list[_Job]) -> list[Outcome]:
+        """Left-padded batch, the longest budget; each answer cut at its own budget and stops."""
         import torch
 
         tok = self._tokenizer
