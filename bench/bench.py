@@ -173,15 +173,24 @@ class Ceiling:
         self.pretokenize = settings.pretokenize
         self.planner = Planner(settings, Formatter(tokenizer, settings.load_system_prompt()), stop_token_ids(tokenizer))
 
-    def run(self, questions: list[str]) -> Run:
+    VARIANTS: dict[str, dict[str, Any]] = {
+        "no_penalties": {"repetition_penalty": 1.0, "frequency_penalty": 0.0},
+        "no_detokenize": {"detokenize": False, "stop": []},
+        "prefill_only": {"max_tokens": 1},
+        "text_prompts": {},
+    }
+
+    def run(self, questions: list[str], variant: str | None = None) -> Run:
+        """One ``LLM.generate`` of every question; ``variant`` changes one thing (for the breakdown)."""
         from vllm import SamplingParams
 
         started = time.perf_counter()
         plans = self.planner.plan(questions)
+        change = self.VARIANTS[variant] if variant else {}
         shared: dict[int, SamplingParams] = {}
-        params = [shared.setdefault(id(p.sampling), SamplingParams(**p.sampling)) for p in plans]
+        params = [shared.setdefault(id(p.sampling), SamplingParams(**{**p.sampling, **change})) for p in plans]
         prompts: list[Any] = [p.prompt for p in plans]
-        if self.pretokenize:
+        if self.pretokenize and variant != "text_prompts":
             ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
             prompts = [{"prompt_token_ids": i} for i in ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -210,6 +219,7 @@ class Report:
     ratio: dict[str, float] = field(default_factory=dict)
     startup: dict[str, Any] = field(default_factory=dict)
     memory_mb: dict[str, float] = field(default_factory=dict)
+    breakdown_s: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -238,7 +248,7 @@ def table(report: Report) -> str:
                      f"{part['questions_per_s']['median']:>9.1f}{part['tokens_per_s']['median']:>10.0f}")
     for key, value in report.ratio.items():
         lines.append(f"ratio {key}: {value:.3f}")
-    for key, value in {**report.startup, **report.memory_mb}.items():
+    for key, value in {**report.startup, **report.memory_mb, **report.breakdown_s}.items():
         lines.append(f"{key}: {value}")
     return "\n".join(lines)
 
@@ -301,6 +311,10 @@ def measure(args: argparse.Namespace) -> Report:
                     ceiling_runs.append(ceiling.run(questions))
                 log.info("[bench] round %d/%d: service %.2f s%s", round_, args.rounds, service_runs[-1].seconds,
                          f", ceiling {ceiling_runs[-1].seconds:.2f} s" if ceiling_runs else "")
+            if ceiling is not None and args.breakdown:
+                for variant in Ceiling.VARIANTS:
+                    report.breakdown_s[variant] = round(ceiling.run(questions, variant).seconds, 3)
+                    log.info("[bench] ceiling variant %s: %.2f s", variant, report.breakdown_s[variant])
             if pid is not None:
                 report.memory_mb = {"api_process_rss_mb": round(rss_mb(pid), 1),
                                     "api_process_peak_rss_mb": round(rss_mb(pid, "VmHWM"), 1)}
@@ -342,6 +356,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offset", type=int, default=0, help="first question")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p.add_argument("--ceiling", action="store_true", help="also time vLLM's offline LLM.generate in process")
+    p.add_argument("--breakdown", action="store_true",
+                   help="with --ceiling: also time the ceiling without penalties, without detokenisation, "
+                        "prefill only and with text prompts")
     p.add_argument("--concurrency", type=int, default=0, help="C clients sending single questions")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="variable for both engines")
     p.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "qa-bench-service.log"),

@@ -44,6 +44,10 @@ def _bool(raw: str) -> bool:
     raise ValueError("allowed: 1/0, true/false, yes/no, on/off")
 
 
+def _optional_bool(raw: str) -> bool | None:
+    return None if raw.strip() == "" else _bool(raw)
+
+
 def _int(lo: int | None = None, hi: int | None = None, optional: bool = False) -> Callable[[str], int | None]:
     def parse(raw: str) -> int | None:
         if optional and raw.strip() == "":
@@ -189,6 +193,7 @@ class Settings:
     enforce_eager: bool = var(_bool, "Disable CUDA graphs.")
     vllm_max_cudagraph_capture_size: int | None = var(_int(1, 65536, optional=True),
                                                       "Largest batch captured as a CUDA graph.")
+    vllm_async_scheduling: bool | None = var(_optional_bool, "Overlap scheduling with execution (empty: engine decides).")
     pretokenize: bool = var(_bool, "Tokenise prompts in one batch in the API process and pass token ids.")
     seed: int = var(_int(0), "Engine random seed.")
     # batch

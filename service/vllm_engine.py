@@ -49,6 +49,7 @@ def engine_args(s: Settings) -> dict[str, Any]:
         "max_num_batched_tokens": s.vllm_max_num_batched_tokens,
         "distributed_executor_backend": s.distributed_executor_backend,
         "max_cudagraph_capture_size": s.vllm_max_cudagraph_capture_size,
+        "async_scheduling": s.vllm_async_scheduling,
     }
     args.update({k: v for k, v in optional.items() if v is not None})
     spec = speculative_config(s)
