@@ -364,6 +364,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "qa-bench-service.log"),
                    help="where the started service logs")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--output", help="also write the report to this file (the engine may log to stdout)")
     return p.parse_args(argv)
 
 
@@ -371,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
     report = measure(args)
-    print(json.dumps(asdict(report), indent=2) if args.json else table(report))  # noqa: T201 - the report
+    text = json.dumps(asdict(report), indent=2) if args.json else table(report)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    print(text)  # noqa: T201 - the report itself
     return 0
 
 

@@ -19,8 +19,9 @@ if [[ " $* " == *" --ceiling "* && " $* " != *GPU_MEMORY_UTILIZATION=* ]]; then
   extra=(--set GPU_MEMORY_UTILIZATION=0.4)
 fi
 rc=0
-python3 -m bench.bench --log "$out/$label.log" "$@" "${extra[@]}" --json 2>&1 >"$out/$label.json" \
-  | tee "$out/$label.err" >&2 || rc=$?
+python3 -m bench.bench --log "$out/$label.log" --output "$out/$label.json" "$@" "${extra[@]}" --json \
+  >"$out/$label.err" 2>&1 || rc=$?
+grep '^\[bench\]' "$out/$label.err" || true
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader || true
 if [ "$rc" != 0 ]; then echo "[gpu.sh] bench exited $rc; the service log ends:"; tail -n 40 "$out/$label.log" || true; fi
 cat "$out/$label.json"
