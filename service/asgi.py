@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from litestar import Litestar
-
-from service.app import create_app
 from service.client import ProcessEngineClient, engine_environ
 from service.engine import EngineUnavailable
 from service.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from litestar import Litestar
 
 log = logging.getLogger("service")
 
@@ -36,6 +37,9 @@ def create_app_from_env() -> Litestar:
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
     engine = ProcessEngineClient(settings, engine_environ(os.environ))
+    engine.spawn()  # the worker imports the engine while this process imports the web stack
+    from service.app import create_app
+
     try:
         engine.check()  # the worker imports the backend: a broken one is a clear error, not a crash later
     except EngineUnavailable as exc:

@@ -150,8 +150,8 @@ class ProcessEngineClient:
 
     # --- start-up -------------------------------------------------------------------------------
 
-    def check(self) -> None:
-        """Start the worker and wait for it to import the backend (its Hello or its Failure)."""
+    def spawn(self) -> None:
+        """Start the worker process (it begins importing the backend at once)."""
         if self._proc is not None:
             return
         parent, child = socket.socketpair()
@@ -161,6 +161,14 @@ class ProcessEngineClient:
         )
         child.close()
         self._sock = parent
+
+    def check(self) -> None:
+        """Start the worker if needed and wait for it to import the backend (its Hello or its Failure)."""
+        if self._sock is not None and self._sock.gettimeout() == 0.0:
+            return  # already checked: the socket is in non-blocking mode for asyncio
+        self.spawn()
+        assert self._sock is not None and self._proc is not None
+        parent = self._sock
         parent.settimeout(self.HANDSHAKE_TIMEOUT)
         try:
             hello = wire.recv_sync(parent)
