@@ -18,13 +18,10 @@ import argparse
 import json
 import logging
 import os
-import re
 import statistics
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,30 +29,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.client import Unreachable, generated_tokens, request
+
 log = logging.getLogger("bench")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pmpp_qa.jsonl"
 
 
 # --- HTTP client -------------------------------------------------------------------------------
 
-def request(method: str, url: str, body: Any = None, timeout: float = 3600) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode(errors="replace")
-
-
-def generated_tokens(url: str) -> float:
-    """Sum of ``qa_generated_tokens_total`` over routes, from the service's /metrics."""
-    _, text = request("GET", url + "/metrics", timeout=30)
-    return sum(float(v) for v in re.findall(r"^qa_generated_tokens_total\{[^}]*\} ([0-9.e+]+)$", text, re.M))
+def service_tokens(url: str) -> float:
+    """Generated tokens so far, from the service's /metrics."""
+    return generated_tokens(request("GET", url + "/metrics", timeout=30)[1])
 
 
 def wait_ready(url: str, timeout: float, proc: Any = None) -> dict[str, Any]:
@@ -65,7 +49,7 @@ def wait_ready(url: str, timeout: float, proc: Any = None) -> dict[str, Any]:
             raise SystemExit(f"[bench] the service exited with {proc.returncode} before it was ready")
         try:
             status, body = request("GET", url + "/", timeout=5)
-        except OSError:
+        except Unreachable:
             time.sleep(0.3)
             continue
         if isinstance(body, dict) and body.get("status") in ("batch", "ok"):
@@ -131,17 +115,17 @@ class Run:
 
 
 def service_batch(url: str, questions: list[str]) -> Run:
-    before = generated_tokens(url)
+    before = service_tokens(url)
     started = time.perf_counter()
     status, body = request("POST", url + "/predict", {"prompt": questions})
     seconds = time.perf_counter() - started
     if status != 200 or len(body.get("response", [])) != len(questions):
         raise SystemExit(f"[bench] /predict answered {status}: {str(body)[:500]}")
-    return Run(seconds, len(questions), generated_tokens(url) - before, len(body.get("errors", [])))
+    return Run(seconds, len(questions), service_tokens(url) - before, len(body.get("errors", [])))
 
 
 def service_concurrent(url: str, questions: list[str], clients: int) -> Run:
-    before = generated_tokens(url)
+    before = service_tokens(url)
 
     def ask(question: str) -> int:
         status, body = request("POST", url + "/predict", {"prompt": question})
@@ -153,7 +137,7 @@ def service_concurrent(url: str, questions: list[str], clients: int) -> Run:
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(ask, questions))
     seconds = time.perf_counter() - started
-    return Run(seconds, len(questions), generated_tokens(url) - before)
+    return Run(seconds, len(questions), service_tokens(url) - before)
 
 
 class Ceiling:

@@ -23,17 +23,15 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+from bench.client import Unreachable, generated_tokens, request
 from bench.data import DataError, load_pairs
 from bench.rouge import rouge_l
 from service.prompting import Route, Router
@@ -45,7 +43,6 @@ ROUTE_GROUPS = ("short", "code", "long")
 # The settings that decide a question's route; taken from the service's GET /info when it answers.
 ROUTING_VARS = ("HARD_CODE_MIN_HITS", "LONG_ANSWER_ENABLE_DEFAULT", "LONG_ANSWER_MIN_HITS",
                 "HARD_CODE_QUESTION_KEYWORDS", "LONG_ANSWER_KEYWORDS", "CODE_QUESTION_KEYWORDS")
-_TOKENS_SAMPLE = re.compile(r"^qa_generated_tokens_total(?:\{[^}]*\})?\s+(\S+)", re.MULTILINE)
 DEFAULT_TIMEOUT = 3600.0
 
 
@@ -72,11 +69,6 @@ def route_group(route: Route | str) -> str:
     """The report's route group: ``short``, ``code`` (hard included) or ``long``."""
     value = Route(route)
     return "code" if value is Route.HARD else value.value
-
-
-def generated_tokens(metrics_text: str) -> float:
-    """Sum of every ``qa_generated_tokens_total`` sample (all ``route`` labels) in Prometheus text."""
-    return sum(float(value) for value in _TOKENS_SAMPLE.findall(metrics_text))
 
 
 def score_items(pairs: Sequence[tuple[str, str | None]], answers: Sequence[str], routes: Sequence[str],
@@ -182,20 +174,10 @@ def router_for(service_settings: Mapping[str, Any] | None, environ: Mapping[str,
 
 def _request(method: str, url: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
     """(status, parsed JSON or text); EvalError when the service cannot be reached."""
-    data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read()
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise EvalError(f"{method} {url}: cannot reach the service ({reason})") from None
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode(errors="replace")
+        return request(method, url, body, timeout)
+    except Unreachable as exc:
+        raise EvalError(str(exc)) from None
 
 
 def _tokens_now(url: str) -> float | None:
