@@ -100,17 +100,18 @@ def _flags(**values: object) -> list[str]:
     "rounds": "alternating rounds (service, ceiling, ...); medians and spread are reported (default 3)",
     "ceiling": "also time vLLM's offline LLM.generate in process with the same prompts and parameters",
     "breakdown": "with --ceiling: also time the ceiling without penalties, detokenisation, decoding, pre-tokenisation",
+    "startup": "only measure start-up: N alternating rounds of the service against the engine alone",
     "concurrency": "C clients sending single questions, compared with the same questions in one request",
     "var": "KEY=VALUE for both the service and the ceiling engine (repeatable)",
     "json": "print the report as JSON",
 })
 def bench(c: Context, url: str = "", preset: str = "", data: str = "", n: int = 2000, offset: int = 0,
-          rounds: int = 3, ceiling: bool = False, breakdown: bool = False, concurrency: int = 0, var: list[str] | None = None,
+          rounds: int = 3, ceiling: bool = False, breakdown: bool = False, startup: int = 0, concurrency: int = 0, var: list[str] | None = None,
           json: bool = False) -> None:
     """Throughput of the service (all questions in one POST /predict) against the engine's own ceiling."""
     setup_logging()
     argv = _flags(url=url, preset=preset, data=data, n=n, offset=offset, rounds=rounds, ceiling=ceiling,
-                  breakdown=breakdown, concurrency=concurrency, set=var or [], json=json)
+                  breakdown=breakdown, startup=startup, concurrency=concurrency, set=var or [], json=json)
     raise Exit(code=run_tool("bench.bench", argv))
 
 

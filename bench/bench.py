@@ -189,6 +189,50 @@ class Ceiling:
         self.llm.llm_engine.engine_core.shutdown()
 
 
+ENGINE_ALONE = """
+import sys
+from vllm import LLM
+from bench.bench import service_env
+from service.settings import Settings
+from service.vllm_engine import engine_args
+llm = LLM(**engine_args(Settings.from_environ(service_env(sys.argv[1] or None, sys.argv[2:]))))
+print("ENGINE-READY", flush=True)
+llm.llm_engine.engine_core.shutdown()
+"""
+
+
+def engine_alone_seconds(args: argparse.Namespace, env: dict[str, str]) -> float:
+    """Wall time from spawning a fresh Python to vLLM's ``LLM(...)`` built (import included)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    child_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))}
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", ENGINE_ALONE, args.preset or "", *args.set], env=child_env,
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("ENGINE-READY"):
+            seconds = time.perf_counter() - started
+            proc.wait(120)
+            return seconds
+    raise SystemExit(f"[bench] the engine alone failed to start (exit {proc.wait()})")
+
+
+def measure_startup(args: argparse.Namespace) -> dict[str, Any]:
+    """Alternating start-ups: the service (spawn to ready) and the engine alone (spawn to built)."""
+    env = service_env(args.preset, args.set)
+    service_s, engine_s = [], []
+    for round_ in range(1, args.startup + 1):
+        with started_service(env, Path(args.log)) as (_, _, spawn_to_ready):
+            service_s.append(spawn_to_ready)
+        engine_s.append(engine_alone_seconds(args, env))
+        log.info("[bench] start-up round %d/%d: service %.1f s, engine alone %.1f s", round_, args.startup,
+                 service_s[-1], engine_s[-1])
+    return {"service_spawn_to_ready_s": spread(service_s), "engine_alone_spawn_to_built_s": spread(engine_s),
+            "overhead_s (paired, median)": statistics.median(a - b for a, b in zip(service_s, engine_s, strict=True))}
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -343,6 +387,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true",
                    help="with --ceiling: also time the ceiling without penalties, without detokenisation, "
                         "prefill only and with text prompts")
+    p.add_argument("--startup", type=int, default=0, metavar="N",
+                   help="only measure start-up: N alternating rounds of service vs engine alone")
     p.add_argument("--concurrency", type=int, default=0, help="C clients sending single questions")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="variable for both engines")
     p.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "qa-bench-service.log"),
@@ -355,6 +401,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
+    if args.startup:
+        result = measure_startup(args)
+        text = json.dumps(result, indent=2)
+        if args.output:
+            Path(args.output).write_text(text + "\n", encoding="utf-8")
+        print(text)  # noqa: T201 - the report itself
+        return 0
     report = measure(args)
     text = json.dumps(asdict(report), indent=2) if args.json else table(report)
     if args.output:
