@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 from service.engine import Engine, Item
 from service.prompting import Formatter, Overrides, Planner
 from service.settings import Settings
 from service.wire import Answers
-
-log = logging.getLogger("service")
 
 
 class Answerer:
@@ -22,8 +18,6 @@ class Answerer:
         self.engine = engine
         self.stop_ids = stop_token_ids(engine.tokenizer)
         self.planner = self._planner(system_prompt)
-        log.info("chat formatting: %s", "fast <|im_start|> path (byte-identical to the template)"
-                 if self.planner.formatter.fast else "the tokenizer's chat template")
 
     def _planner(self, system_prompt: str) -> Planner:
         return Planner(self.settings, Formatter(self.engine.tokenizer, system_prompt), self.stop_ids)
