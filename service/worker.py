@@ -97,6 +97,10 @@ async def serve(client: LocalEngineClient, sock: socket.socket) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # Out of the terminal's process group: a Ctrl-C reaches only the API process, which drains its
+    # requests and then sends Stop; the worker (and the engine processes it starts) follow that.
+    with contextlib.suppress(OSError):
+        os.setsid()
     _die_with_parent()
     sock = socket.socket(fileno=int(argv[0]))
     try:
@@ -113,7 +117,7 @@ def main(argv: list[str]) -> int:
         wire.send_sync(sock, wire.Failed(str(exc), 3))
         return 3
     wire.send_sync(sock, wire.Hello(engine.name, engine.notice))
-    # SIGTERM/SIGINT (from the API process dying, or a Ctrl-C to the group) end serve() cleanly.
+    # SIGTERM (the API process died, or it gave up waiting) or SIGINT ends serve() cleanly.
     loop = asyncio.new_event_loop()
     client = LocalEngineClient(settings, engine)
     main_task = loop.create_task(serve(client, sock))

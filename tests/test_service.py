@@ -307,3 +307,30 @@ def test_use_vllm_auto_falls_back_to_transformers_and_says_so(tmp_path: Path, de
         assert "serving with transformers" in svc.server.log()
     finally:
         svc.server.stop()
+
+
+def test_ctrl_c_to_the_process_group_drains_then_stops(tmp_path: Path, demo_model: Path) -> None:
+    """A terminal's Ctrl-C signals the whole foreground group; the batch in flight still completes."""
+    import os
+    import signal
+
+    svc = start_service(tmp_path, demo_env(demo_model, SHUTDOWN_TIMEOUT="30"))
+    try:
+        svc.wait_ready()
+        proc = svc.server.proc
+        tree = descendants(proc.pid)
+        results: list[object] = []
+        batch = threading.Thread(
+            target=lambda: results.append(http_json("POST", svc.url + "/predict", {"prompt": questions(300)})),
+            daemon=True,
+        )
+        batch.start()
+        time.sleep(1.5)
+        os.killpg(proc.pid, signal.SIGINT)  # the server runs in its own session: this is its Ctrl-C
+        assert proc.wait(90) == 0, svc.server.log()[-3000:]
+        batch.join(30)
+        assert results and results[0][0] == 200 and len(results[0][1]["response"]) == 300
+        assert not [p for p in tree if alive(p)]
+        assert port_is_free(svc.port)
+    finally:
+        svc.server.stop()
