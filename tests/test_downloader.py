@@ -573,3 +573,17 @@ def test_cli_unreachable_hub_exits_1_without_traceback(tmp_path: Path) -> None:
 def test_cli_skip(tmp_path: Path) -> None:
     proc = run_cli(tmp_path, SKIP_MODEL_DOWNLOAD="1", MODELSCOPE_ENDPOINT=closed_port_url())
     assert proc.returncode == 0 and "skipped" in proc.stderr
+
+
+def test_inv_download_demo_twice_is_byte_identical(tmp_path: Path) -> None:
+    """`MODEL_ID=demo inv download`, twice, into two directories: the same bytes, built offline."""
+    from tests.test_env import clean_env, inv
+
+    trees = []
+    for name in ("a", "b"):
+        target = tmp_path / name
+        env = clean_env(MODEL_ID="demo", MODEL_DIR=str(target), MODELSCOPE_ENDPOINT="http://127.0.0.1:9")
+        result = inv("download", env=env)
+        assert result.returncode == 0, result.stderr
+        trees.append(hash_tree(target))
+    assert trees[0] == trees[1] and "model.safetensors" in trees[0]
