@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -96,6 +97,17 @@ async def serve(client: LocalEngineClient, sock: socket.socket) -> None:
         writer.close()
 
 
+def _hide_own_vllm_variables() -> None:
+    """Drop this project's ``VLLM_*`` settings (already parsed) from the engine's environment.
+
+    vLLM reads variables with that prefix itself and warns about each one it does not know
+    (``VLLM_MAX_NUM_SEQS`` and the like are SPEC names of this project, passed as engine arguments).
+    """
+    own = {f.name.upper() for f in dataclasses.fields(Settings)}
+    for key in [k for k in os.environ if k.startswith("VLLM_") and k in own]:
+        del os.environ[key]
+
+
 def main(argv: list[str]) -> int:
     # Out of the terminal's process group: a Ctrl-C reaches only the API process, which drains its
     # requests and then sends Stop; the worker (and the engine processes it starts) follow that.
@@ -110,6 +122,7 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s [service] %(message)s", stream=sys.stderr)
+    _hide_own_vllm_variables()
     try:
         engine = build_engine(settings)
         engine.check()
