@@ -131,7 +131,7 @@ def _questions(prompt: str | list[str], limit: int) -> list[str]:
 
 def create_app(settings: Settings, engine: EngineClient) -> Litestar:
     """The ASGI app serving ``engine`` with ``settings``; the engine starts and stops with the app."""
-    state = QAState(settings, engine, Metrics(engine.stats))
+    state = QAState(settings, engine, Metrics(lambda: engine.stats))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from service.client import ProcessEngineClient, engine_environ
+from service.client import engine_client
 from service.engine import EngineUnavailable
 from service.settings import Settings, SettingsError
 
@@ -36,7 +36,7 @@ def create_app_from_env() -> Litestar:
         log.error("%s", exc)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
-    engine = ProcessEngineClient(settings, engine_environ(os.environ))
+    engine = engine_client(settings, os.environ)
     engine.spawn()  # the worker imports the engine while this process imports the web stack
     from service.app import create_app
 

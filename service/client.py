@@ -256,6 +256,17 @@ class ProcessEngineClient:
     # --- shutdown -------------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
+        await self.stop_worker()
+        from service.procs import reap_children
+
+        await asyncio.to_thread(reap_children)
+
+    def pending(self) -> int:
+        """Calls sent to the worker and not answered yet."""
+        return len(self._pending)
+
+    async def stop_worker(self) -> None:
+        """Ask the worker to stop its engine and wait for it to exit (killing it if it will not)."""
         proc = self._proc
         if proc is None:
             return
@@ -269,9 +280,6 @@ class ProcessEngineClient:
             self._reader_task.cancel()
         if self._writer is not None:
             self._writer.close()
-        from service.vllm_engine import reap_children  # noqa: PLC0415 - no vLLM import: plain /proc code
-
-        await asyncio.to_thread(reap_children)
 
 
 def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -299,3 +307,100 @@ def _root() -> str:
     from env import PROJECT_ROOT
 
     return str(PROJECT_ROOT)
+
+
+class ShardedEngineClient:
+    """Several ``ProcessEngineClient`` workers sharing the device (``ENGINE_WORKERS`` > 1).
+
+    Each worker runs its own engine, so the engines' schedulers (single Python threads) run on separate
+    cores.  A request's questions are split into contiguous, balanced shards, one per worker, answered
+    concurrently and merged in order; a single question goes to the worker with the fewest in flight.
+    """
+
+    def __init__(self, workers: list[ProcessEngineClient]):
+        self.workers = workers
+        self.notice: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.workers[0].name
+
+    @property
+    def init_seconds(self) -> float | None:
+        times = [w.init_seconds for w in self.workers if w.init_seconds is not None]
+        return max(times) if times else None
+
+    @property
+    def max_model_len(self) -> int:
+        return min(w.max_model_len for w in self.workers)
+
+    @property
+    def chat_format(self) -> str | None:
+        return self.workers[0].chat_format
+
+    @property
+    def system_prompt(self) -> str:
+        return self.workers[0].system_prompt
+
+    @property
+    def stats(self) -> EngineStats:
+        total = EngineStats()
+        for w in self.workers:
+            s = w.stats
+            total.in_flight += s.in_flight
+            total.peak_in_flight += s.peak_in_flight
+            total.running += s.running
+            total.peak_running += s.peak_running
+            total.waiting += s.waiting
+        return total
+
+    def spawn(self) -> None:
+        for w in self.workers:
+            w.spawn()
+
+    def check(self) -> None:
+        self.spawn()
+        for w in self.workers:
+            w.check()
+        self.notice = self.workers[0].notice
+
+    async def start(self) -> None:
+        await asyncio.gather(*(w.start() for w in self.workers))
+
+    def alive(self) -> str | None:
+        return next((problem for w in self.workers if (problem := w.alive()) is not None), None)
+
+    async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
+        if len(questions) == 1:
+            worker = min(self.workers, key=lambda w: w.pending())
+            return await worker.answer(questions, overrides)
+        n = len(self.workers)
+        bounds = [len(questions) * i // n for i in range(n + 1)]
+        shards = [(lo, questions[lo:hi]) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
+        parts = await asyncio.gather(*(w.answer(qs, overrides) for w, (_, qs) in zip(self.workers, shards,
+                                                                                           strict=False)))
+        merged = wire.Answers(texts=[], errors=[], tokens=0, tokens_by_route={})
+        for (offset, _), part in zip(shards, parts, strict=True):
+            merged.texts.extend(part.texts)
+            merged.errors.extend((offset + index, message) for index, message in part.errors)
+            merged.tokens += part.tokens
+            for route, count in part.tokens_by_route.items():
+                merged.tokens_by_route[route] = merged.tokens_by_route.get(route, 0) + count
+        return merged
+
+    async def set_system_prompt(self, text: str) -> None:
+        await asyncio.gather(*(w.set_system_prompt(text) for w in self.workers))
+
+    async def shutdown(self) -> None:
+        from service.procs import reap_children
+
+        await asyncio.gather(*(w.stop_worker() for w in self.workers))
+        await asyncio.to_thread(reap_children)  # once, after every worker has stopped its engine
+
+
+def engine_client(settings: Settings, environ: Mapping[str, str]) -> ProcessEngineClient | ShardedEngineClient:
+    """The server's engine client: one worker process, or ``ENGINE_WORKERS`` of them."""
+    env = engine_environ(environ)
+    if settings.engine_workers == 1:
+        return ProcessEngineClient(settings, env)
+    return ShardedEngineClient([ProcessEngineClient(settings, env) for _ in range(settings.engine_workers)])

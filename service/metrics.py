@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -12,11 +14,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _EngineCollector(Collector):
-    def __init__(self, stats: EngineStats):
+    def __init__(self, stats: Callable[[], EngineStats]):
         self.stats = stats
 
     def collect(self):  # noqa: ANN201 - prometheus_client's interface
-        s = self.stats
+        s = self.stats()
         for name, doc, value in (
             ("qa_in_flight_questions", "Questions submitted to the engine and not finished.", s.in_flight),
             ("qa_in_flight_questions_peak", "Most questions in flight at once since start.", s.peak_in_flight),
@@ -30,7 +32,7 @@ class _EngineCollector(Collector):
 class Metrics:
     """Counters and histograms of one app."""
 
-    def __init__(self, stats: EngineStats):
+    def __init__(self, stats: Callable[[], EngineStats]):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("qa_requests", "HTTP requests by path and status.", ["path", "status"], registry=r)

@@ -193,6 +193,7 @@ class Settings:
     enforce_eager: bool = var(_bool, "Disable CUDA graphs.")
     vllm_max_cudagraph_capture_size: int | None = var(_int(1, 65536, optional=True),
                                                       "Largest batch captured as a CUDA graph.")
+    engine_workers: int = var(_int(1, 64), "Engine workers sharing the device; questions are split over them.")
     vllm_async_scheduling: bool | None = var(_optional_bool, "Overlap scheduling with execution (empty: engine decides).")
     pretokenize: bool = var(_bool, "Tokenise prompts in one batch in the API process and pass token ids.")
     seed: int = var(_int(0), "Engine random seed.")
@@ -299,6 +300,11 @@ def _cross_checks(p: Mapping[str, Any]) -> list[str]:
         )
     if p["enable_speculative_decoding"] and p["spec_method"] != "ngram" and not p["spec_draft_model_id"]:
         problems.append(f"SPEC_METHOD={p['spec_method']!r} needs SPEC_DRAFT_MODEL_ID (or use SPEC_METHOD=ngram)")
+    if p["engine_workers"] * p["gpu_memory_utilization"] > 1.0:
+        problems.append(
+            f"ENGINE_WORKERS={p['engine_workers']} x GPU_MEMORY_UTILIZATION={p['gpu_memory_utilization']} is "
+            "more than the whole device: allowed product <= 1 (the utilisation is each worker's share)"
+        )
     for name in ("max_new_tokens", "max_new_tokens_code", "max_new_tokens_code_hard", "max_new_tokens_code_soft"):
         if p[name] >= p["max_model_len"]:
             problems.append(

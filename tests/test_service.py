@@ -334,3 +334,28 @@ def test_ctrl_c_to_the_process_group_drains_then_stops(tmp_path: Path, demo_mode
         assert port_is_free(svc.port)
     finally:
         svc.server.stop()
+
+
+def test_two_engine_workers_split_a_request_and_keep_its_order(
+        tmp_path: Path, demo_model: Path, service: Service) -> None:
+    """ENGINE_WORKERS=2: the questions are split over two engines and merged back in order."""
+    qs = questions(60)
+    qs[41] = "很长的问题" * 2000
+    status, expected = http_json("POST", service.url + "/predict", {"prompt": qs})
+    assert status == 200
+    svc = start_service(tmp_path, demo_env(demo_model, ENGINE_WORKERS="2", GPU_MEMORY_UTILIZATION="0.2"))
+    try:
+        svc.wait_ready()
+        tree = descendants(svc.server.pid)
+        workers = [p for p in tree if b"service.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        status, body = http_json("POST", svc.url + "/predict", {"prompt": qs})
+        assert status == 200, body
+        assert body["response"] == expected["response"]
+        assert [e["index"] for e in body["errors"]] == [41]
+        assert http_json("POST", svc.url + "/predict", {"prompt": SHORT})[0] == 200
+        svc.server.proc.terminate()
+        assert svc.server.proc.wait(90) == 0
+        assert not [p for p in tree if alive(p)]
+    finally:
+        svc.server.stop()
