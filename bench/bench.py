@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.ceiling import Ceiling, Run, ShardedCeiling
+from bench.ceiling import ceiling as offline_ceiling
 from bench.client import Unreachable, generated_tokens, request
 
 log = logging.getLogger("bench")
@@ -102,18 +104,6 @@ def rss_mb(pid: int, key: str = "VmRSS") -> float:
 
 # --- measurements ---------------------------------------------------------------------------------
 
-@dataclass
-class Run:
-    seconds: float
-    questions: int
-    tokens: float
-    errors: int = 0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-
 def service_batch(url: str, questions: list[str]) -> Run:
     before = service_tokens(url)
     started = time.perf_counter()
@@ -138,55 +128,6 @@ def service_concurrent(url: str, questions: list[str], clients: int) -> Run:
         list(pool.map(ask, questions))
     seconds = time.perf_counter() - started
     return Run(seconds, len(questions), service_tokens(url) - before)
-
-
-class Ceiling:
-    """vLLM's offline ``LLM`` with the service's engine arguments, prompts and sampling parameters."""
-
-    def __init__(self, settings: Any):
-        started = time.perf_counter()  # the import is part of the engine's own start-up, as in the service
-        from vllm import LLM
-
-        from service.prompting import Formatter, Planner
-        from service.vllm_engine import engine_args, stop_token_ids
-
-        self.llm = LLM(**engine_args(settings))
-        self.init_seconds = time.perf_counter() - started
-        tokenizer = self.llm.get_tokenizer()
-        self.tokenizer = tokenizer
-        self.pretokenize = settings.pretokenize
-        self.planner = Planner(settings, Formatter(tokenizer, settings.load_system_prompt()), stop_token_ids(tokenizer))
-
-    VARIANTS: dict[str, dict[str, Any]] = {
-        "no_penalties": {"repetition_penalty": 1.0, "frequency_penalty": 0.0},
-        "no_detokenize": {"detokenize": False, "stop": []},
-        "prefill_only": {"max_tokens": 1},
-        "text_prompts": {},
-    }
-
-    def run(self, questions: list[str], variant: str | None = None) -> Run:
-        """One ``LLM.generate`` of every question; ``variant`` changes one thing (for the breakdown)."""
-        from vllm import SamplingParams
-
-        started = time.perf_counter()
-        plans = self.planner.plan(questions)
-        change = self.VARIANTS[variant] if variant else {}
-        shared: dict[int, SamplingParams] = {}
-        params = [shared.setdefault(id(p.sampling), SamplingParams(**{**p.sampling, **change})) for p in plans]
-        prompts: list[Any] = [p.prompt for p in plans]
-        if self.pretokenize and variant != "text_prompts":
-            ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-            prompts = [{"prompt_token_ids": i} for i in ids]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        post = self.planner.post
-        answers = [post(q, o.outputs[0].text, p.short) for q, o, p in zip(questions, outputs, plans, strict=True)]
-        seconds = time.perf_counter() - started
-        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        assert len(answers) == len(questions)
-        return Run(seconds, len(questions), tokens)
-
-    def close(self) -> None:
-        self.llm.llm_engine.engine_core.shutdown()
 
 
 ENGINE_ALONE = """
@@ -315,10 +256,11 @@ def measure(args: argparse.Namespace) -> Report:
         "MODEL_DIR": str(settings.model_dir), "DISABLE_TOKEN_ROUTING": settings.disable_token_routing,
         "VLLM_MAX_NUM_SEQS": settings.vllm_max_num_seqs, "BATCH_CONCURRENCY": settings.batch_concurrency,
         "PRETOKENIZE": settings.pretokenize})
-    ceiling = None
+    ceiling: Ceiling | ShardedCeiling | None = None
     if args.ceiling:
-        log.info("[bench] building the ceiling engine (vLLM LLM, in process)")
-        ceiling = Ceiling(settings)
+        log.info("[bench] building the ceiling engine (vLLM LLM)")
+        log_path = Path(args.log)
+        ceiling = offline_ceiling(settings, env, log_path.with_suffix(""))
         report.startup["ceiling_import_and_init_s"] = round(ceiling.init_seconds, 2)
     try:
         with _target(args, env) as (url, pid, spawn_to_ready):

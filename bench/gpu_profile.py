@@ -22,7 +22,8 @@ from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    from bench.bench import Ceiling, load_questions, service_env
+    from bench.bench import load_questions, service_env
+    from bench.ceiling import Ceiling
     from service.settings import Settings
 
     settings = Settings.from_environ(service_env(args.preset, args.set))

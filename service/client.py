@@ -365,7 +365,18 @@ class ShardedEngineClient:
         self.notice = self.workers[0].notice
 
     async def start(self) -> None:
-        await asyncio.gather(*(w.start() for w in self.workers))
+        """Start the engines: all at once with a fixed KV-cache size, else one after another.
+
+        vLLM sizes the KV cache by profiling the device's free memory, which another engine starting beside
+        it would disturb (and vLLM asserts on).  ``VLLM_KV_CACHE_MEMORY_BYTES`` skips that profiling.
+        """
+        if self.workers[0].settings.vllm_kv_cache_memory_bytes is not None:
+            log.info("starting %d engine workers at once (fixed KV cache)", len(self.workers))
+            await asyncio.gather(*(w.start() for w in self.workers))
+            return
+        log.info("starting %d engine workers one after another (KV cache sized by profiling)", len(self.workers))
+        for worker in self.workers:
+            await worker.start()
 
     def alive(self) -> str | None:
         return next((problem for w in self.workers if (problem := w.alive()) is not None), None)

@@ -104,6 +104,24 @@ def _choice(*choices: str, optional: bool = False) -> Callable[[str], str | None
     return parse
 
 
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def _optional_bytes(raw: str) -> int | None:
+    """A byte count: ``12884901888``, ``12GiB``, ``12G`` (empty: None)."""
+    text = raw.strip().lower().removesuffix("b")
+    if text == "":
+        return None
+    number = text.rstrip("kmgi")
+    try:
+        value = int(float(number) * _UNITS[text[len(number):]])
+    except (KeyError, ValueError):
+        raise ValueError("allowed: bytes as an integer or with a unit (e.g. 12GiB, 8G) or empty") from None
+    if value <= 0:
+        raise ValueError("allowed: more than 0 bytes, or empty")
+    return value
+
+
 def _text(raw: str) -> str:
     return raw
 
@@ -193,6 +211,14 @@ class Settings:
     enforce_eager: bool = var(_bool, "Disable CUDA graphs.")
     vllm_max_cudagraph_capture_size: int | None = var(_int(1, 65536, optional=True),
                                                       "Largest batch captured as a CUDA graph.")
+    vllm_compilation_mode: str | None = var(
+        _choice("none", "stock_torch_compile", "dynamo_trace_once", "vllm_compile", optional=True),
+        "vLLM compilation mode (empty: the engine's; none: no torch.compile, the fastest start-up).")
+    vllm_cudagraph_mode: str | None = var(
+        _choice("none", "piecewise", "full", "full_decode_only", "full_and_piecewise", optional=True),
+        "vLLM CUDA-graph mode (empty: the engine's; piecewise needs vllm_compile).")
+    vllm_kv_cache_memory_bytes: int | None = var(
+        _optional_bytes, "KV-cache size per engine, e.g. 8GiB (empty: GPU_MEMORY_UTILIZATION decides by profiling).")
     engine_workers: int = var(_int(1, 64), "Engine workers sharing the device; questions are split over them.")
     vllm_async_scheduling: bool | None = var(_optional_bool, "Overlap scheduling with execution (empty: engine decides).")
     pretokenize: bool = var(_bool, "Tokenise prompts in one batch in the API process and pass token ids.")

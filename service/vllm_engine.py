@@ -50,8 +50,12 @@ def engine_args(s: Settings) -> dict[str, Any]:
         "distributed_executor_backend": s.distributed_executor_backend,
         "max_cudagraph_capture_size": s.vllm_max_cudagraph_capture_size,
         "async_scheduling": s.vllm_async_scheduling,
+        "kv_cache_memory_bytes": s.vllm_kv_cache_memory_bytes,
     }
     args.update({k: v for k, v in optional.items() if v is not None})
+    compilation = {"mode": s.vllm_compilation_mode, "cudagraph_mode": s.vllm_cudagraph_mode}
+    if any(compilation.values()):
+        args["compilation_config"] = {k: v.upper() for k, v in compilation.items() if v is not None}
     spec = speculative_config(s)
     if spec is not None:
         args["speculative_config"] = spec

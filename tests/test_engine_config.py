@@ -39,8 +39,35 @@ def test_engine_knobs_reach_the_engine_arguments() -> None:
 def test_empty_knobs_are_left_to_the_engine() -> None:
     args = engine_args(settings(VLLM_MAX_NUM_SEQS="", VLLM_QUANTIZATION=""))
     for key in ("max_num_seqs", "max_num_batched_tokens", "quantization", "kv_cache_dtype",
-                "distributed_executor_backend", "max_cudagraph_capture_size"):
+                "distributed_executor_backend", "max_cudagraph_capture_size", "kv_cache_memory_bytes",
+                "compilation_config"):
         assert key not in args, key
+
+
+def test_compilation_and_kv_cache_knobs_reach_the_engine() -> None:
+    args = engine_args(settings(VLLM_COMPILATION_MODE="none", VLLM_CUDAGRAPH_MODE="Full_Decode_Only",
+                                VLLM_KV_CACHE_MEMORY_BYTES="10GiB"))
+    assert args["compilation_config"] == {"mode": "NONE", "cudagraph_mode": "FULL_DECODE_ONLY"}
+    assert args["kv_cache_memory_bytes"] == 10 * 2**30
+    assert engine_args(settings(VLLM_CUDAGRAPH_MODE="full"))["compilation_config"] == {"cudagraph_mode": "FULL"}
+    for raw, expected in (("12884901888", 12884901888), ("8G", 8 * 10**9), ("512MiB", 512 * 2**20), ("1.5GiB", 3 * 2**29)):
+        assert settings(VLLM_KV_CACHE_MEMORY_BYTES=raw).vllm_kv_cache_memory_bytes == expected, raw
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), [
+    ("VLLM_KV_CACHE_MEMORY_BYTES", "lots", "bytes as an integer or with a unit"),
+    ("VLLM_KV_CACHE_MEMORY_BYTES", "0", "more than 0 bytes"),
+    ("VLLM_KV_CACHE_MEMORY_BYTES", "8 TB", "bytes as an integer or with a unit"),
+    ("VLLM_COMPILATION_MODE", "fast", "none, stock_torch_compile, dynamo_trace_once, vllm_compile"),
+    ("VLLM_CUDAGRAPH_MODE", "always", "none, piecewise, full, full_decode_only, full_and_piecewise"),
+])
+def test_bad_engine_knobs_name_the_variable_and_what_is_allowed(name: str, value: str, allowed: str) -> None:
+    from service.settings import SettingsError
+
+    with pytest.raises(SettingsError) as err:
+        settings(**{name: value})
+    message = str(err.value)
+    assert name in message and value in message and allowed in message, message
 
 
 def test_ngram_speculation() -> None:

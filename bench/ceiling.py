@@ -1,0 +1,192 @@
+"""The engine's own ceiling for ``inv bench --ceiling``: vLLM's offline ``LLM.generate``.
+
+``Ceiling`` builds ``LLM`` in this process with the service's engine arguments, chat-formatted prompts and
+per-question sampling parameters (``service.prompting.Planner``).  With ``ENGINE_WORKERS=N`` > 1 the fair
+offline counterpart of the service is N ``LLM`` engines sharing the device, each generating its contiguous
+share of the questions at the same time: ``ShardedCeiling`` runs N child processes
+(``python -m bench.ceiling FD``), started the way the service starts its workers (together when
+``VLLM_KV_CACHE_MEMORY_BYTES`` is set, else one after another), and times the slowest share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger("bench")
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Run:
+    """One timed batch: wall seconds, questions, generated tokens, item errors."""
+
+    seconds: float
+    questions: int
+    tokens: float
+    errors: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class Ceiling:
+    """vLLM's offline ``LLM`` with the service's engine arguments, prompts and sampling parameters."""
+
+    def __init__(self, settings: Any):
+        started = time.perf_counter()  # the import is part of the engine's own start-up, as in the service
+        from vllm import LLM
+
+        from service.prompting import Formatter, Planner
+        from service.vllm_engine import engine_args, stop_token_ids
+
+        self.llm = LLM(**engine_args(settings))
+        self.init_seconds = time.perf_counter() - started
+        tokenizer = self.llm.get_tokenizer()
+        self.tokenizer = tokenizer
+        self.pretokenize = settings.pretokenize
+        self.planner = Planner(settings, Formatter(tokenizer, settings.load_system_prompt()), stop_token_ids(tokenizer))
+
+    VARIANTS: dict[str, dict[str, Any]] = {
+        "no_penalties": {"repetition_penalty": 1.0, "frequency_penalty": 0.0},
+        "no_detokenize": {"detokenize": False, "stop": []},
+        "prefill_only": {"max_tokens": 1},
+        "text_prompts": {},
+    }
+
+    def run(self, questions: list[str], variant: str | None = None) -> Run:
+        """One ``LLM.generate`` of every question; ``variant`` changes one thing (for the breakdown)."""
+        from vllm import SamplingParams
+
+        started = time.perf_counter()
+        plans = self.planner.plan(questions)
+        change = self.VARIANTS[variant] if variant else {}
+        shared: dict[int, SamplingParams] = {}
+        params = [shared.setdefault(id(p.sampling), SamplingParams(**{**p.sampling, **change})) for p in plans]
+        prompts: list[Any] = [p.prompt for p in plans]
+        if self.pretokenize and variant != "text_prompts":
+            ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+            prompts = [{"prompt_token_ids": i} for i in ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        post = self.planner.post
+        answers = [post(q, o.outputs[0].text, p.short) for q, o, p in zip(questions, outputs, plans, strict=True)]
+        seconds = time.perf_counter() - started
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        assert len(answers) == len(questions)
+        return Run(seconds, len(questions), tokens)
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+class CeilingFailed(RuntimeError):
+    """A ceiling child process exited or answered out of turn; the message says which and where it logged."""
+
+
+class _Child:
+    """One ``python -m bench.ceiling FD`` process: commands on its stdin, JSON replies on a pipe."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        read_fd, write_fd = os.pipe()
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.ceiling", str(write_fd)], env=env, cwd=_ROOT, pass_fds=(write_fd,),
+                stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+        os.close(write_fd)
+        self.replies: IO[str] = os.fdopen(read_fd, "r", encoding="utf-8")
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message, ensure_ascii=False) + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self) -> dict[str, Any]:
+        line = self.replies.readline()
+        if not line:
+            raise CeilingFailed(f"a ceiling engine exited ({self.proc.wait()}); its log: {self.log_path}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # end of commands: the child shuts its engine down and exits
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.replies.close()
+
+
+class ShardedCeiling:
+    """N offline engines sharing the device, each generating its share of a batch at the same time."""
+
+    def __init__(self, settings: Any, env: dict[str, str], log_stem: Path):
+        started = time.perf_counter()
+        child_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH", "")]))}
+        self.children: list[_Child] = []
+        together = settings.vllm_kv_cache_memory_bytes is not None
+        try:
+            for index in range(settings.engine_workers):
+                self.children.append(_Child(child_env, Path(f"{log_stem}-ceiling-{index}.log")))
+                if not together:
+                    self.children[-1].reply()
+            if together:
+                for child in self.children:
+                    child.reply()
+        except BaseException:
+            self.close()
+            raise
+        self.init_seconds = time.perf_counter() - started
+
+    def run(self, questions: list[str], variant: str | None = None) -> Run:
+        n = len(self.children)
+        bounds = [len(questions) * i // n for i in range(n + 1)]
+        started = time.perf_counter()
+        for child, lo, hi in zip(self.children, bounds, bounds[1:], strict=False):
+            child.send({"questions": questions[lo:hi], "variant": variant})
+        parts = [child.reply() for child in self.children]
+        seconds = time.perf_counter() - started
+        return Run(seconds, sum(p["questions"] for p in parts), sum(p["tokens"] for p in parts))
+
+    def close(self) -> None:
+        for child in self.children:
+            child.close()
+
+
+def ceiling(settings: Any, env: dict[str, str], log_stem: Path) -> Ceiling | ShardedCeiling:
+    """The offline counterpart of the service these settings describe (children log to LOG_STEM-ceiling-I.log)."""
+    if settings.engine_workers == 1:
+        return Ceiling(settings)
+    log.info("[bench] ceiling: %d offline engines sharing the device", settings.engine_workers)
+    return ShardedCeiling(settings, env, log_stem)
+
+
+def _child(fd: int) -> int:
+    """Child side of ``ShardedCeiling``: build the engine, then answer one command per stdin line."""
+    from service.settings import Settings
+
+    engine = Ceiling(Settings.from_environ(os.environ))
+    with os.fdopen(fd, "w", encoding="utf-8") as replies:
+        replies.write(json.dumps({"init_seconds": engine.init_seconds}) + "\n")
+        replies.flush()
+        for line in sys.stdin:
+            command = json.loads(line)
+            run = engine.run(command["questions"], command.get("variant"))
+            replies.write(json.dumps({"seconds": run.seconds, "questions": run.questions, "tokens": run.tokens}) + "\n")
+            replies.flush()
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(int(sys.argv[1])))
