@@ -225,7 +225,7 @@ class Settings:
     seed: int = var(_int(0), "Engine random seed.")
     # batch
     batch_mode: bool = var(_bool, "Health says `batch`: the harness posts all questions at once.")
-    batch_concurrency: int = var(_int(1, 1_000_000), "Most questions in the engine at once, over all requests.")
+    batch_concurrency: int = var(_int(1, 1_000_000), "Most questions in an engine at once, over all requests (each of ENGINE_WORKERS has its own).")
     vllm_batch_use_llm: bool = var(_bool, "Compatibility: list requests always go to the engine in one submission.")
     # decoding
     temperature: float = var(_float(0.0, 5.0), "Sampling temperature (0 = greedy).")

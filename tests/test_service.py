@@ -354,6 +354,12 @@ def test_two_engine_workers_split_a_request_and_keep_its_order(
         assert body["response"] == expected["response"]
         assert [e["index"] for e in body["errors"]] == [41]
         assert http_json("POST", svc.url + "/predict", {"prompt": SHORT})[0] == 200
+        # No fixed KV cache: the second engine starts only once the first is ready (vLLM's memory profiling).
+        log = svc.server.log()
+        assert "starting 2 engine workers one after another" in log
+        engine_inits = [m.start() for m in re.finditer(r"Initializing a V1 LLM engine", log)]
+        first_ready = log.index("vLLM engine ready in")
+        assert len(engine_inits) == 2 and engine_inits[0] < first_ready < engine_inits[1], log[-3000:]
         svc.server.proc.terminate()
         assert svc.server.proc.wait(90) == 0
         assert not [p for p in tree if alive(p)]

@@ -273,3 +273,11 @@ def test_exported_max_model_len_wins_over_the_qwen3_preset() -> None:
     assert Settings.from_environ(values_of("qwen3-4b", MAX_MODEL_LEN="2048")).max_model_len == 2048
     forced = {k: v.value for k, v in layer({"MAX_MODEL_LEN": "2048"}, "qwen3-4b", force=True).items()}
     assert Settings.from_environ(forced).max_model_len == 8192
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_shipped_preset_gives_valid_settings(preset: str) -> None:
+    """A preset that the settings reject would only fail at `inv run` on the user's machine."""
+    values = {k: v.value for k, v in layer({}, preset, force=True).items()}
+    settings = Settings.from_environ(values)
+    assert settings.engine_workers * settings.gpu_memory_utilization <= 1.0

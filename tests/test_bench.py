@@ -1,0 +1,52 @@
+"""`inv bench --ceiling` with several engine workers: the service and its offline counterpart, both real."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from tests.conftest import PYTHON, ROOT, demo_env
+
+
+def _processes(marker: bytes) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_bench_ceiling_with_two_workers_runs_two_offline_engines(tmp_path: Path, demo_model: Path) -> None:
+    """ENGINE_WORKERS=2 with a fixed KV cache: the service starts both engines at once, and the ceiling is two
+    offline LLM engines answering the same halves; both generate the same tokens, and nothing is left running."""
+    log = tmp_path / "svc.log"
+    report_path = tmp_path / "report.json"
+    done = subprocess.run(
+        [PYTHON, "-m", "bench.bench", "--preset", "demo", "--ceiling", "--n", "48", "--rounds", "1",
+         "--set", "ENGINE_WORKERS=2", "--set", "VLLM_KV_CACHE_MEMORY_BYTES=256MiB", "--set", f"MODEL_DIR={demo_model}",
+         "--set", "WARMUP_DATA_PATH=", "--log", str(log), "--output", str(report_path), "--json"],
+        env=demo_env(demo_model), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ceiling: 2 offline engines sharing the device" in done.stderr
+    report = json.loads(report_path.read_text())
+    service, ceiling = report["service"], report["ceiling"]
+    assert service["errors"] == 0 and ceiling["errors"] == 0
+    assert ceiling["tokens"]["median"] > 0
+    assert ceiling["tokens"]["median"] == service["tokens"]["median"], (service, ceiling)
+    assert report["ratio"]["service/ceiling (median seconds)"] > 0
+    # Both ceiling engines ran (one log each) and each answered its half.
+    for index in (0, 1):
+        child_log = (tmp_path / f"svc-ceiling-{index}.log").read_text(errors="replace")
+        assert "Initializing a V1 LLM engine" in child_log
+    # The service's engines started together: both inits come before the first is ready.
+    text = log.read_text(errors="replace")
+    assert "starting 2 engine workers at once" in text
+    inits = [m.start() for m in re.finditer(r"Initializing a V1 LLM engine", text)]
+    assert len(inits) == 2 and max(inits) < text.index("vLLM engine ready in"), text[-3000:]
+    assert not _processes(b"bench.ceiling"), "a ceiling engine outlived the benchmark"
