@@ -76,6 +76,7 @@ def started_service(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, 
         port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
     env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as out:
         spawned = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
@@ -257,20 +258,17 @@ def measure(args: argparse.Namespace) -> Report:
         "VLLM_MAX_NUM_SEQS": settings.vllm_max_num_seqs, "BATCH_CONCURRENCY": settings.batch_concurrency,
         "PRETOKENIZE": settings.pretokenize})
     ceiling: Ceiling | ShardedCeiling | None = None
-    if args.ceiling:
-        log.info("[bench] building the ceiling engine (vLLM LLM)")
-        log_path = Path(args.log)
-        ceiling = offline_ceiling(settings, env, log_path.with_suffix(""))
-        report.startup["ceiling_import_and_init_s"] = round(ceiling.init_seconds, 2)
+    service_runs: list[Run] = []
+    ceiling_runs: list[Run] = []
+    batch_runs: list[Run] = []
     try:
+        if args.ceiling and not args.separate:
+            ceiling = _build_ceiling(args, settings, env, report)
         with _target(args, env) as (url, pid, spawn_to_ready):
             status, info = request("GET", url + "/info")
             report.startup.update({k: info.get(k) for k in ("ready_after_s", "engine_init_s") if k in info})
             if spawn_to_ready is not None:
                 report.startup["service_spawn_to_ready_s"] = round(spawn_to_ready, 2)
-            service_runs: list[Run] = []
-            ceiling_runs: list[Run] = []
-            batch_runs: list[Run] = []
             for round_ in range(1, args.rounds + 1):
                 if args.concurrency:
                     service_runs.append(service_concurrent(url, questions, args.concurrency))
@@ -281,13 +279,18 @@ def measure(args: argparse.Namespace) -> Report:
                     ceiling_runs.append(ceiling.run(questions))
                 log.info("[bench] round %d/%d: service %.2f s%s", round_, args.rounds, service_runs[-1].seconds,
                          f", ceiling {ceiling_runs[-1].seconds:.2f} s" if ceiling_runs else "")
-            if ceiling is not None and args.breakdown:
-                for variant in Ceiling.VARIANTS:
-                    report.breakdown_s[variant] = round(ceiling.run(questions, variant).seconds, 3)
-                    log.info("[bench] ceiling variant %s: %.2f s", variant, report.breakdown_s[variant])
             if pid is not None:
                 report.memory_mb = {"api_process_rss_mb": round(rss_mb(pid), 1),
                                     "api_process_peak_rss_mb": round(rss_mb(pid, "VmHWM"), 1)}
+        if args.ceiling and args.separate:  # the service has stopped: the ceiling has the device to itself
+            ceiling = _build_ceiling(args, settings, env, report)
+            for round_ in range(1, args.rounds + 1):
+                ceiling_runs.append(ceiling.run(questions))
+                log.info("[bench] ceiling round %d/%d: %.2f s", round_, args.rounds, ceiling_runs[-1].seconds)
+        if ceiling is not None and args.breakdown:
+            for variant in Ceiling.VARIANTS:
+                report.breakdown_s[variant] = round(ceiling.run(questions, variant).seconds, 3)
+                log.info("[bench] ceiling variant %s: %.2f s", variant, report.breakdown_s[variant])
     finally:
         if ceiling is not None:
             ceiling.close()
@@ -303,6 +306,14 @@ def measure(args: argparse.Namespace) -> Report:
         report.ratio["concurrent/one request (paired, median)"] = statistics.median(
             s.seconds / b.seconds for s, b in zip(service_runs, batch_runs, strict=True))
     return report
+
+
+def _build_ceiling(args: argparse.Namespace, settings: Any, env: dict[str, str],
+                   report: Report) -> Ceiling | ShardedCeiling:
+    log.info("[bench] building the ceiling engine (vLLM LLM)")
+    built = offline_ceiling(settings, env, Path(args.log).with_suffix(""))
+    report.startup["ceiling_import_and_init_s"] = round(built.init_seconds, 2)
+    return built
 
 
 @contextmanager
@@ -326,6 +337,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offset", type=int, default=0, help="first question")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p.add_argument("--ceiling", action="store_true", help="also time vLLM's offline LLM.generate in process")
+    p.add_argument("--separate", action="store_true",
+                   help="with --ceiling: time the service's rounds, stop it, then the ceiling's (for engines that "
+                        "do not fit the device twice); the rounds are then not interleaved")
     p.add_argument("--breakdown", action="store_true",
                    help="with --ceiling: also time the ceiling without penalties, without detokenisation, "
                         "prefill only and with text prompts")
