@@ -27,8 +27,13 @@ def test_bench_ceiling_with_two_workers_runs_two_offline_engines(tmp_path: Path,
     offline LLM engines answering the same halves; both generate the same tokens, and nothing is left running."""
     log = tmp_path / "svc.log"
     report_path = tmp_path / "report.json"
+    data = tmp_path / "questions.jsonl"
+    topics = ["warp", "shared memory", "kernel<<<>>>", "coalescing", "occupancy", "stream", "atomicAdd", "tiling"]
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"问题{i}：什么是{topics[i % 8]}？"},
+                                                     {"role": "assistant", "content": "答案"}]}, ensure_ascii=False) + "\n"
+                            for i in range(48)), encoding="utf-8")
     done = subprocess.run(
-        [PYTHON, "-m", "bench.bench", "--preset", "demo", "--ceiling", "--n", "48", "--rounds", "1",
+        [PYTHON, "-m", "bench.bench", "--preset", "demo", "--ceiling", "--data", str(data), "--n", "48", "--rounds", "1",
          "--set", "ENGINE_WORKERS=2", "--set", "VLLM_KV_CACHE_MEMORY_BYTES=256MiB", "--set", f"MODEL_DIR={demo_model}",
          "--set", "WARMUP_DATA_PATH=", "--log", str(log), "--output", str(report_path), "--json"],
         env=demo_env(demo_model), cwd=ROOT, capture_output=True, text=True, timeout=900)
