@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from service.engine import engines_start_together, shard_spans
+
 log = logging.getLogger("bench")
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +136,7 @@ class ShardedCeiling:
         started = time.perf_counter()
         child_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH", "")]))}
         self.children: list[_Child] = []
-        together = settings.vllm_kv_cache_memory_bytes is not None
+        together = engines_start_together(settings)  # as the service starts its workers
         try:
             for index in range(settings.engine_workers):
                 self.children.append(_Child(child_env, Path(f"{log_stem}-ceiling-{index}.log")))
@@ -149,12 +151,11 @@ class ShardedCeiling:
         self.init_seconds = time.perf_counter() - started
 
     def run(self, questions: list[str], variant: str | None = None) -> Run:
-        n = len(self.children)
-        bounds = [len(questions) * i // n for i in range(n + 1)]
+        busy = list(zip(self.children, shard_spans(len(questions), len(self.children)), strict=False))
         started = time.perf_counter()
-        for child, lo, hi in zip(self.children, bounds, bounds[1:], strict=False):
+        for child, (lo, hi) in busy:  # the same shards as the service's workers answer
             child.send({"questions": questions[lo:hi], "variant": variant})
-        parts = [child.reply() for child in self.children]
+        parts = [child.reply() for child, _ in busy]
         seconds = time.perf_counter() - started
         return Run(seconds, sum(p["questions"] for p in parts), sum(p["tokens"] for p in parts))
 

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import msgspec
 
 from service import wire
-from service.engine import Engine, EngineDead, EngineStats, EngineUnavailable
+from service.engine import Engine, EngineDead, EngineStats, EngineUnavailable, engines_start_together, shard_spans
 from service.prompting import Overrides
 from service.settings import Settings
 
@@ -365,12 +365,8 @@ class ShardedEngineClient:
         self.notice = self.workers[0].notice
 
     async def start(self) -> None:
-        """Start the engines: all at once with a fixed KV-cache size, else one after another.
-
-        vLLM sizes the KV cache by profiling the device's free memory, which another engine starting beside
-        it would disturb (and vLLM asserts on).  ``VLLM_KV_CACHE_MEMORY_BYTES`` skips that profiling.
-        """
-        if self.workers[0].settings.vllm_kv_cache_memory_bytes is not None:
+        """Start the engines: all at once with a fixed KV-cache size, else one after another."""
+        if engines_start_together(self.workers[0].settings):
             log.info("starting %d engine workers at once (fixed KV cache)", len(self.workers))
             await asyncio.gather(*(w.start() for w in self.workers))
             return
@@ -385,9 +381,7 @@ class ShardedEngineClient:
         if len(questions) == 1:
             worker = min(self.workers, key=lambda w: w.pending())
             return await worker.answer(questions, overrides)
-        n = len(self.workers)
-        bounds = [len(questions) * i // n for i in range(n + 1)]
-        shards = [(lo, questions[lo:hi]) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
+        shards = [(lo, questions[lo:hi]) for lo, hi in shard_spans(len(questions), len(self.workers))]
         parts = await asyncio.gather(*(w.answer(qs, overrides) for w, (_, qs) in zip(self.workers, shards,
                                                                                            strict=False)))
         merged = wire.Answers(texts=[], errors=[], tokens=0, tokens_by_route={})

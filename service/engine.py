@@ -95,6 +95,21 @@ class Engine(Protocol):
         """Stop the engine and every process it started."""
 
 
+def shard_spans(count: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous, balanced ``[lo, hi)`` spans of ``count`` questions over ``parts`` engines (none empty)."""
+    bounds = [count * i // parts for i in range(parts + 1)]
+    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
+
+
+def engines_start_together(settings: Settings) -> bool:
+    """Whether several engines on one device may start at once.
+
+    vLLM sizes the KV cache by profiling the device's free memory, which another engine starting beside it
+    would disturb (and vLLM asserts on); a fixed ``VLLM_KV_CACHE_MEMORY_BYTES`` skips that profiling.
+    """
+    return settings.vllm_kv_cache_memory_bytes is not None
+
+
 def _importable(module: str) -> str | None:
     try:
         importlib.import_module(module)
