@@ -135,6 +135,11 @@ def test_multi_gpu_knobs_parse() -> None:
         ("DTYPE", "fp8", "float16"),
         ("TEMPERATURE", "nan", "number"),
         ("OUTPUT_MAX_SENTENCES", "six", "integer"),
+        ("VLLM_KV_CACHE_MEMORY_BYTES", "lots", "bytes as an integer or with a unit"),
+        ("VLLM_KV_CACHE_MEMORY_BYTES", "0", "more than 0 bytes"),
+        ("VLLM_KV_CACHE_MEMORY_BYTES", "8 TB", "bytes as an integer or with a unit"),
+        ("VLLM_COMPILATION_MODE", "fast", "none, stock_torch_compile, dynamo_trace_once, vllm_compile"),
+        ("VLLM_CUDAGRAPH_MODE", "always", "none, piecewise, full, full_decode_only, full_and_piecewise"),
     ],
 )
 def test_invalid_value_names_variable_value_and_what_is_allowed(name: str, value: str, allowed: str) -> None:
