@@ -221,7 +221,7 @@ class Settings:
         _optional_bytes, "KV-cache size per engine, e.g. 8GiB (empty: GPU_MEMORY_UTILIZATION decides by profiling).")
     engine_workers: int = var(_int(1, 64), "Engine workers sharing the device; questions are split over them.")
     vllm_async_scheduling: bool | None = var(_optional_bool, "Overlap scheduling with execution (empty: engine decides).")
-    pretokenize: bool = var(_bool, "Tokenise prompts in one batch in the API process and pass token ids.")
+    pretokenize: bool = var(_bool, "Tokenise prompts in one batch in the engine worker and pass token ids.")
     seed: int = var(_int(0), "Engine random seed.")
     # batch
     batch_mode: bool = var(_bool, "Health says `batch`: the harness posts all questions at once.")
