@@ -55,7 +55,8 @@ class Ceiling:
         tokenizer = self.llm.get_tokenizer()
         self.tokenizer = tokenizer
         self.pretokenize = settings.pretokenize
-        self.planner = Planner(settings, Formatter(tokenizer, settings.load_system_prompt()), stop_token_ids(tokenizer))
+        self.planner = Planner(settings, Formatter(tokenizer, settings.load_system_prompt()), stop_token_ids(tokenizer),
+                               settings.detokenize_at_end)
 
     VARIANTS: dict[str, dict[str, Any]] = {
         "no_penalties": {"repetition_penalty": 1.0, "frequency_penalty": 0.0},
@@ -68,6 +69,8 @@ class Ceiling:
         """One ``LLM.generate`` of every question; ``variant`` changes one thing (for the breakdown)."""
         from vllm import SamplingParams
 
+        from service.vllm_engine import decode_answers
+
         started = time.perf_counter()
         plans = self.planner.plan(questions)
         change = self.VARIANTS[variant] if variant else {}
@@ -77,10 +80,20 @@ class Ceiling:
         if self.pretokenize and variant != "text_prompts":
             ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
             prompts = [{"prompt_token_ids": i} for i in ids]
+        tokenized = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        generated = time.perf_counter()
+        completions = [o.outputs[0] for o in outputs]
+        texts = [c.text for c in completions]
+        undecoded = [i for i, sp in enumerate(params) if not sp.detokenize]
+        for i, text in zip(undecoded, decode_answers(self.tokenizer, [completions[i].token_ids for i in undecoded]),
+                           strict=True):
+            texts[i] = text
         post = self.planner.post
-        answers = [post(q, o.outputs[0].text, p.short) for q, o, p in zip(questions, outputs, plans, strict=True)]
+        answers = [post(q, text, p.short) for q, text, p in zip(questions, texts, plans, strict=True)]
         seconds = time.perf_counter() - started
+        log.info("[bench] ceiling: %d questions: plan and tokenise %.3f s, generate %.3f s, decode and post %.3f s",
+                 len(questions), tokenized - started, generated - tokenized, time.perf_counter() - generated)
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         assert len(answers) == len(questions)
         return Run(seconds, len(questions), tokens)
@@ -176,6 +189,7 @@ def _child(fd: int) -> int:
     """Child side of ``ShardedCeiling``: build the engine, then answer one command per stdin line."""
     from service.settings import Settings
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     engine = Ceiling(Settings.from_environ(os.environ))
     with os.fdopen(fd, "w", encoding="utf-8") as replies:
         replies.write(json.dumps({"init_seconds": engine.init_seconds}) + "\n")

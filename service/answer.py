@@ -20,7 +20,8 @@ class Answerer:
         self.planner = self._planner(system_prompt)
 
     def _planner(self, system_prompt: str) -> Planner:
-        return Planner(self.settings, Formatter(self.engine.tokenizer, system_prompt), self.stop_ids)
+        decode_at_end = self.settings.detokenize_at_end and self.engine.name == "vllm"
+        return Planner(self.settings, Formatter(self.engine.tokenizer, system_prompt), self.stop_ids, decode_at_end)
 
     @property
     def system_prompt(self) -> str:

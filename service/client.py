@@ -206,6 +206,7 @@ class ProcessEngineClient:
                     self.stats.peak_in_flight = max(self.stats.peak_in_flight, message.peak_in_flight)
                     self.stats.running = message.running
                     self.stats.peak_running = max(self.stats.peak_running, message.peak_running)
+                    self.stats.has_scheduler = message.has_scheduler
                 elif isinstance(message, wire.Ready | wire.Failed):
                     if self._ready is not None and not self._ready.done():
                         self._ready.set_result(message)
@@ -352,6 +353,7 @@ class ShardedEngineClient:
             total.running += s.running
             total.peak_running += s.peak_running
             total.waiting += s.waiting
+            total.has_scheduler = total.has_scheduler or s.has_scheduler
         return total
 
     def spawn(self) -> None:

@@ -40,6 +40,7 @@ class Outcome:
     text: str = ""
     tokens: int = 0
     error: str | None = None
+    token_ids: list[int] | None = None  # set while the text is still to be decoded (``detokenize=False``)
 
 
 @dataclass(slots=True)
@@ -51,6 +52,7 @@ class EngineStats:
     running: int = 0
     peak_running: int = 0
     waiting: int = 0
+    has_scheduler: bool = False  # running/waiting are the engine's own counts (ENGINE_STATS=1 with vLLM)
     extra: dict[str, float] = field(default_factory=dict)
 
     def enter(self, n: int = 1) -> None:

@@ -41,7 +41,7 @@ class TransformersEngine:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.notice: str | None = None
-        self.stats = EngineStats()
+        self.stats = EngineStats(has_scheduler=True)  # its batches are the running sequences
         self._model: Any = None
         self._tokenizer: Any = None
         self._queue: asyncio.Queue[_Job] | None = None

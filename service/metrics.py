@@ -19,13 +19,17 @@ class _EngineCollector(Collector):
 
     def collect(self):  # noqa: ANN201 - prometheus_client's interface
         s = self.stats()
-        for name, doc, value in (
+        gauges = [
             ("qa_in_flight_questions", "Questions submitted to the engine and not finished.", s.in_flight),
             ("qa_in_flight_questions_peak", "Most questions in flight at once since start.", s.peak_in_flight),
-            ("qa_engine_running_sequences", "Sequences the engine's scheduler is running.", s.running),
-            ("qa_engine_running_sequences_peak", "Most sequences the scheduler ran at once.", s.peak_running),
-            ("qa_engine_waiting_sequences", "Sequences waiting in the engine's scheduler.", s.waiting),
-        ):
+        ]
+        if s.has_scheduler:  # the engine's own counts: vLLM with ENGINE_STATS=1
+            gauges += [
+                ("qa_engine_running_sequences", "Sequences the engine's scheduler is running.", s.running),
+                ("qa_engine_running_sequences_peak", "Most sequences the scheduler ran at once.", s.peak_running),
+                ("qa_engine_waiting_sequences", "Sequences waiting in the engine's scheduler.", s.waiting),
+            ]
+        for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
 
 

@@ -152,9 +152,11 @@ def is_short_answer(s: Settings, route: Route) -> bool:
     return s.disable_token_routing or route is Route.SHORT
 
 
-def sampling_kwargs(s: Settings, o: Overrides, max_tokens: int, stop: list[str], stop_ids: list[int]) -> dict[str, Any]:
+def sampling_kwargs(s: Settings, o: Overrides, max_tokens: int, stop: list[str], stop_ids: list[int],
+                    detokenize: bool = True) -> dict[str, Any]:
     """Keyword arguments for vLLM's ``SamplingParams`` (also read by the transformers backend)."""
     return {
+        "detokenize": detokenize,
         "max_tokens": o.max_new_tokens if o.max_new_tokens is not None else max_tokens,
         "temperature": s.temperature if o.temperature is None else o.temperature,
         "top_p": s.top_p if o.top_p is None else o.top_p,
@@ -225,6 +227,14 @@ class PostProcessor:
         return limit_sentences(answer, self.max_sentences)
 
 
+def is_special_token(tokenizer: Any, text: str) -> bool:
+    """Whether ``text`` is one special token of the tokenizer (left out of decoded text)."""
+    if tokenizer is None or not hasattr(tokenizer, "added_tokens_decoder"):
+        return False
+    token = tokenizer.added_tokens_decoder.get(tokenizer.convert_tokens_to_ids(text))
+    return token is not None and token.content == text and bool(token.special)
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What the engine gets for one question: the formatted prompt, its route and sampling kwargs."""
@@ -238,13 +248,19 @@ class Plan:
 class Planner:
     """Turns questions into engine inputs exactly as the service does (the benchmark reuses it)."""
 
-    def __init__(self, settings: Settings, formatter: Formatter, stop_ids: list[int]):
+    def __init__(self, settings: Settings, formatter: Formatter, stop_ids: list[int], decode_at_end: bool = False):
         self.settings = settings
         self.formatter = formatter
         self.router = Router.from_settings(settings)
         self.stop = stop_strings(settings)
         self.stop_ids = stop_ids
         self.post = PostProcessor.from_settings(settings, self.router)
+        # The engine decodes every answer token by token only to check stop strings. Stop strings that are
+        # special tokens never match (special tokens are left out of the text), so when every stop string is
+        # one, the answers can be decoded once each, at the end (``vllm_engine.completion_texts``).
+        self.detokenize = not (decode_at_end and all(is_special_token(formatter.tokenizer, x) for x in self.stop))
+        if not self.detokenize:
+            self.stop = []
 
     def plan(self, questions: list[str], overrides: Overrides | None = None) -> list[Plan]:
         s = self.settings
@@ -257,6 +273,6 @@ class Planner:
             tokens = budget(s, route)
             sampling = cache.get(tokens)
             if sampling is None:
-                sampling = cache[tokens] = sampling_kwargs(s, overrides, tokens, self.stop, self.stop_ids)
+                sampling = cache[tokens] = sampling_kwargs(s, overrides, tokens, self.stop, self.stop_ids, self.detokenize)
             plans.append(Plan(prompt, route, is_short_answer(s, route), sampling))
         return plans

@@ -222,6 +222,8 @@ class Settings:
     engine_workers: int = var(_int(1, 64), "Engine workers sharing the device; questions are split over them.")
     vllm_async_scheduling: bool | None = var(_optional_bool, "Overlap scheduling with execution (empty: engine decides).")
     pretokenize: bool = var(_bool, "Tokenise prompts in one batch in the engine worker and pass token ids.")
+    detokenize_at_end: bool = var(_bool, "Decode answers once when finished, not token by token, when no stop string needs the text.")
+    engine_stats: bool = var(_bool, "vLLM's per-step statistics (running/waiting sequences in /metrics); cost CPU per token.")
     seed: int = var(_int(0), "Engine random seed.")
     # batch
     batch_mode: bool = var(_bool, "Health says `batch`: the harness posts all questions at once.")

@@ -95,6 +95,17 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def decode_answers(tokenizer: Any, token_ids: list[Any]) -> list[str]:
+    """Answers generated with ``detokenize=False``, decoded in one batch call as vLLM's detokenizer would.
+
+    vLLM's incremental detokenizer skips special tokens and holds back an incomplete UTF-8 character
+    at the end (an answer cut off by its token budget); the one-shot decode would show that as U+FFFD.
+    """
+    texts = tokenizer.batch_decode([list(ids) for ids in token_ids], skip_special_tokens=True,
+                                   clean_up_tokenization_spaces=False)
+    return [text.rstrip("\ufffd") for text in texts]
+
+
 def _stat_logger_factory(stats: EngineStats) -> Any:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -144,12 +155,14 @@ class VllmEngine:
         if s.vllm_max_num_seqs and s.batch_concurrency < s.vllm_max_num_seqs:
             log.warning("BATCH_CONCURRENCY=%d < VLLM_MAX_NUM_SEQS=%d: the engine's batch can never be full",
                         s.batch_concurrency, s.vllm_max_num_seqs)
-        args = AsyncEngineArgs(**engine_args(s))
+        # Without ENGINE_STATS the engine keeps no statistics: vLLM's stat loggers (its log line, Prometheus)
+        # would otherwise run in this process for every generated token, beside the answers' own work.
+        args = AsyncEngineArgs(**engine_args(s), disable_log_stats=not s.engine_stats)
+        loggers = [_stat_logger_factory(self.stats)] if s.engine_stats else None
+        self.stats.has_scheduler = s.engine_stats
         started = time.perf_counter()
         # Building the engine blocks (model load, profiling); keep the event loop answering health.
-        self._llm = await asyncio.to_thread(
-            AsyncLLM.from_engine_args, args, stat_loggers=[_stat_logger_factory(self.stats)]
-        )
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=loggers)
         self._tokenizer = self._llm.get_tokenizer()
         self.init_seconds = time.perf_counter() - started
         log.info("vLLM engine ready in %.1f s (model %s)", self.init_seconds, s.model_dir)
@@ -181,11 +194,13 @@ class VllmEngine:
 
         if (problem := self.alive()) is not None:
             raise EngineDead(problem)
+        started = time.perf_counter()
         prompts = [item.prompt for item in items]
         if self.settings.pretokenize:
             ids = await asyncio.to_thread(self.encode, prompts) if len(prompts) > 8 else self.encode(prompts)
         else:
             ids = [None] * len(prompts)
+        tokenized = time.perf_counter()
         limit = self.max_model_len
         params: dict[int, Any] = {}
 
@@ -212,15 +227,27 @@ class VllmEngine:
                     self.stats.leave()
             assert final is not None
             completion = final.outputs[0]
-            return Outcome(text=completion.text, tokens=len(completion.token_ids))
+            return Outcome(text=completion.text, tokens=len(completion.token_ids),
+                           token_ids=None if sp.detokenize else completion.token_ids)
 
         tasks = [asyncio.ensure_future(one(item, i)) for item, i in zip(items, ids, strict=True)]
         try:
-            return list(await asyncio.gather(*tasks))
+            outcomes = list(await asyncio.gather(*tasks))
         except BaseException:
             for task in tasks:
                 task.cancel()
             raise
+        generated = time.perf_counter()
+        undecoded = [o for o in outcomes if o.token_ids is not None]
+        if undecoded:
+            args = (self._tokenizer, [o.token_ids for o in undecoded])
+            texts = await asyncio.to_thread(decode_answers, *args) if len(undecoded) > 8 else decode_answers(*args)
+            for outcome, text in zip(undecoded, texts, strict=True):
+                outcome.text, outcome.token_ids = text, None
+        log.log(logging.INFO if len(items) >= 64 else logging.DEBUG,
+                "%d questions: tokenise %.3f s, generate %.3f s, decode %.3f s", len(items),
+                tokenized - started, generated - tokenized, time.perf_counter() - generated)
+        return outcomes
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None

@@ -85,6 +85,7 @@ class Stats(Struct, tag=True):
     running: int
     peak_running: int
     waiting: int
+    has_scheduler: bool
 
 
 Message = Start | Ask | SetPrompt | Stop | Hello | Failed | Ready | Answered | PromptSet | Dead | Stats

@@ -38,7 +38,7 @@ async def _push_stats(client: LocalEngineClient, writer: asyncio.StreamWriter) -
     last = None
     while True:
         s = client.stats
-        now = (s.in_flight, s.peak_in_flight, s.running, s.peak_running, s.waiting)
+        now = (s.in_flight, s.peak_in_flight, s.running, s.peak_running, s.waiting, s.has_scheduler)
         if now != last:
             wire.send(writer, wire.Stats(*now))
             last = now

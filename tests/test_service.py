@@ -338,12 +338,17 @@ def test_ctrl_c_to_the_process_group_drains_then_stops(tmp_path: Path, demo_mode
 
 def test_two_engine_workers_split_a_request_and_keep_its_order(
         tmp_path: Path, demo_model: Path, service: Service) -> None:
-    """ENGINE_WORKERS=2: the questions are split over two engines and merged back in order."""
+    """ENGINE_WORKERS=2: the questions are split over two engines and merged back in order.
+
+    This service also decodes token by token and keeps no engine statistics (DETOKENIZE_AT_END=0,
+    ENGINE_STATS=0): its answers are still the default service's, and /metrics leaves out the scheduler's counts.
+    """
     qs = questions(60)
     qs[41] = "很长的问题" * 2000
     status, expected = http_json("POST", service.url + "/predict", {"prompt": qs})
     assert status == 200
-    svc = start_service(tmp_path, demo_env(demo_model, ENGINE_WORKERS="2", GPU_MEMORY_UTILIZATION="0.2"))
+    svc = start_service(tmp_path, demo_env(demo_model, ENGINE_WORKERS="2", GPU_MEMORY_UTILIZATION="0.2",
+                                           DETOKENIZE_AT_END="0", ENGINE_STATS="0"))
     try:
         svc.wait_ready()
         tree = descendants(svc.server.pid)
@@ -354,6 +359,9 @@ def test_two_engine_workers_split_a_request_and_keep_its_order(
         assert body["response"] == expected["response"]
         assert [e["index"] for e in body["errors"]] == [41]
         assert http_json("POST", svc.url + "/predict", {"prompt": SHORT})[0] == 200
+        assert metric(svc, "qa_in_flight_questions_peak") >= 30
+        status, text = http_json("GET", svc.url + "/metrics")
+        assert status == 200 and "qa_engine_running_sequences" not in text, text
         # No fixed KV cache: the second engine starts only once the first is ready (vLLM's memory profiling).
         log = svc.server.log()
         assert "starting 2 engine workers one after another" in log
