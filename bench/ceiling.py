@@ -86,8 +86,8 @@ class Ceiling:
         completions = [o.outputs[0] for o in outputs]
         texts = [c.text for c in completions]
         undecoded = [i for i, sp in enumerate(params) if not sp.detokenize]
-        for i, text in zip(undecoded, decode_answers(self.tokenizer, [completions[i].token_ids for i in undecoded]),
-                           strict=True):
+        decoded = decode_answers(self.tokenizer, [completions[i].token_ids for i in undecoded])
+        for i, text in zip(undecoded, decoded, strict=True):
             texts[i] = text
         post = self.planner.post
         answers = [post(q, text, p.short) for q, text, p in zip(questions, texts, plans, strict=True)]

@@ -101,8 +101,14 @@ def decode_answers(tokenizer: Any, token_ids: list[Any]) -> list[str]:
     vLLM's incremental detokenizer skips special tokens and holds back an incomplete UTF-8 character
     at the end (an answer cut off by its token budget); the one-shot decode would show that as U+FFFD.
     """
-    texts = tokenizer.batch_decode([list(ids) for ids in token_ids], skip_special_tokens=True,
-                                   clean_up_tokenization_spaces=False)
+    if not token_ids:
+        return []
+    lists = [list(ids) for ids in token_ids]
+    rust = getattr(tokenizer, "_tokenizer", None)  # the fast tokenizer's own (what vLLM's detokenizer steps)
+    if rust is not None and hasattr(rust, "decode_batch"):
+        texts = rust.decode_batch(lists, skip_special_tokens=True)
+    else:
+        texts = tokenizer.batch_decode(lists, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return [text.rstrip("\ufffd") for text in texts]
 
 

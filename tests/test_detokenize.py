@@ -11,14 +11,15 @@ from tests.conftest import PYTHON, ROOT, demo_env
 # Runs in its own process (vLLM's engine processes need a main module that can be re-imported).
 SCRIPT = r"""
 import json, os, sys
-from vllm import LLM, SamplingParams
+from vllm import SamplingParams
+from bench.ceiling import Ceiling
 from service.settings import Settings
 from service.prompting import Formatter, Planner
-from service.vllm_engine import decode_answers, engine_args, stop_token_ids
+from service.vllm_engine import decode_answers, stop_token_ids
 
 settings = Settings.from_environ(os.environ)
-llm = LLM(**engine_args(settings))
-tok = llm.get_tokenizer()
+ceiling = Ceiling(settings)  # the benchmark's offline engine: LLM with the service's engine arguments
+llm, tok = ceiling.llm, ceiling.tokenizer
 questions = [line.strip() for line in sys.stdin if line.strip()]
 planner = Planner(settings, Formatter(tok, settings.load_system_prompt()), stop_token_ids(tok))
 plans = planner.plan(questions)
@@ -28,11 +29,17 @@ streamed = [o.outputs[0].text for o in outputs]
 decoded = decode_answers(tok, [o.outputs[0].token_ids for o in outputs])
 at_end = Planner(settings, Formatter(tok, settings.load_system_prompt()), stop_token_ids(tok), True)
 sampling = at_end.plan(questions[:1])[0].sampling
+# The benchmark's offline path both ways: same tokens, no errors.
+ceiling.planner = at_end
+runs = [ceiling.run(questions[:40])]
+ceiling.planner = planner
+runs.append(ceiling.run(questions[:40]))
 print("RESULT", json.dumps({"streamed": streamed, "decoded": decoded, "detokenize": planner.detokenize,
                   "at_end_detokenize": at_end.detokenize, "at_end_stop": sampling["stop"],
                   "at_end_sampling_detokenize": sampling["detokenize"],
-                  "tokens": [len(o.outputs[0].token_ids) for o in outputs]}, ensure_ascii=False))
-llm.llm_engine.engine_core.shutdown()
+                  "tokens": [len(o.outputs[0].token_ids) for o in outputs],
+                  "ceiling_runs": [[r.tokens, r.errors, r.questions] for r in runs]}, ensure_ascii=False))
+ceiling.close()
 """
 
 
@@ -58,6 +65,8 @@ def test_decoding_at_end_gives_the_streamed_texts(demo_model: Path) -> None:
     assert result["detokenize"] is True  # decode_at_end not asked for
     assert result["at_end_detokenize"] is False
     assert result["at_end_stop"] == [] and result["at_end_sampling_detokenize"] is False
+    at_end, streaming = result["ceiling_runs"]
+    assert at_end == streaming and at_end[1:] == [0, 40] and at_end[0] > 40, result["ceiling_runs"]
 
 
 def test_an_ordinary_stop_string_keeps_streamed_decoding(demo_model: Path) -> None:
@@ -97,3 +106,4 @@ def test_a_character_cut_off_by_the_budget_is_held_back_as_vllm_does(demo_model:
     plain = tok.batch_decode(cuts, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert sum(p != s for p, s in zip(plain, streamed, strict=True)) >= 10  # the case is really exercised
     assert decode_answers(tok, cuts) == streamed
+    assert decode_answers(tok, []) == []  # (the tokenizer's own batch_decode gives [""] for no answers)
