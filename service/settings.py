@@ -104,6 +104,20 @@ def _choice(*choices: str, optional: bool = False) -> Callable[[str], str | None
     return parse
 
 
+def _sizes(raw: str) -> tuple[int, ...] | None:
+    """Comma-separated batch sizes, e.g. ``1,2,4,8,256,2048`` (empty: None)."""
+    parts = [x.strip() for x in raw.split(",") if x.strip()]
+    if not parts:
+        return None
+    try:
+        sizes = tuple(sorted({int(x) for x in parts}))
+    except ValueError:
+        raise ValueError("allowed: comma-separated integers >= 1 (e.g. 1,2,4,8,512,2048) or empty") from None
+    if sizes[0] < 1:
+        raise ValueError("allowed: comma-separated integers >= 1 (e.g. 1,2,4,8,512,2048) or empty")
+    return sizes
+
+
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
@@ -211,6 +225,8 @@ class Settings:
     enforce_eager: bool = var(_bool, "Disable CUDA graphs.")
     vllm_max_cudagraph_capture_size: int | None = var(_int(1, 65536, optional=True),
                                                       "Largest batch captured as a CUDA graph.")
+    vllm_cudagraph_capture_sizes: tuple[int, ...] | None = var(
+        _sizes, "Batch sizes captured as CUDA graphs (empty: the engine's, every 8 or 16 up to the largest).")
     vllm_compilation_mode: str | None = var(
         _choice("none", "stock_torch_compile", "dynamo_trace_once", "vllm_compile", optional=True),
         "vLLM compilation mode (empty: the engine's; none: no torch.compile, the fastest start-up).")
@@ -332,6 +348,12 @@ def _cross_checks(p: Mapping[str, Any]) -> list[str]:
         problems.append(
             f"ENGINE_WORKERS={p['engine_workers']} x GPU_MEMORY_UTILIZATION={p['gpu_memory_utilization']} is "
             "more than the whole device: allowed product <= 1 (the utilisation is each worker's share)"
+        )
+    sizes, largest = p["vllm_cudagraph_capture_sizes"], p["vllm_max_cudagraph_capture_size"]
+    if sizes is not None and largest is not None and largest != sizes[-1]:
+        problems.append(
+            f"VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE={largest} is not the largest of VLLM_CUDAGRAPH_CAPTURE_SIZES "
+            f"({sizes[-1]}): allowed equal, or leave VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE empty"
         )
     for name in ("max_new_tokens", "max_new_tokens_code", "max_new_tokens_code_hard", "max_new_tokens_code_soft"):
         if p[name] >= p["max_model_len"]:

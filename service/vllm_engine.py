@@ -51,6 +51,7 @@ def engine_args(s: Settings) -> dict[str, Any]:
         "max_cudagraph_capture_size": s.vllm_max_cudagraph_capture_size,
         "async_scheduling": s.vllm_async_scheduling,
         "kv_cache_memory_bytes": s.vllm_kv_cache_memory_bytes,
+        "cudagraph_capture_sizes": list(s.vllm_cudagraph_capture_sizes) if s.vllm_cudagraph_capture_sizes else None,
     }
     args.update({k: v for k, v in optional.items() if v is not None})
     compilation = {"mode": s.vllm_compilation_mode, "cudagraph_mode": s.vllm_cudagraph_mode}

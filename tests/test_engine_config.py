@@ -40,7 +40,7 @@ def test_empty_knobs_are_left_to_the_engine() -> None:
     args = engine_args(settings(VLLM_MAX_NUM_SEQS="", VLLM_QUANTIZATION=""))
     for key in ("max_num_seqs", "max_num_batched_tokens", "quantization", "kv_cache_dtype",
                 "distributed_executor_backend", "max_cudagraph_capture_size", "kv_cache_memory_bytes",
-                "compilation_config"):
+                "compilation_config", "cudagraph_capture_sizes"):
         assert key not in args, key
 
 
@@ -50,6 +50,8 @@ def test_compilation_and_kv_cache_knobs_reach_the_engine() -> None:
     assert args["compilation_config"] == {"mode": "NONE", "cudagraph_mode": "FULL_DECODE_ONLY"}
     assert args["kv_cache_memory_bytes"] == 10 * 2**30
     assert engine_args(settings(VLLM_CUDAGRAPH_MODE="full"))["compilation_config"] == {"cudagraph_mode": "FULL"}
+    sizes = engine_args(settings(VLLM_CUDAGRAPH_CAPTURE_SIZES="2048,1,256,8", VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE=""))
+    assert sizes["cudagraph_capture_sizes"] == [1, 8, 256, 2048]
     for raw, expected in (("12884901888", 12884901888), ("8G", 8 * 10**9), ("512MiB", 512 * 2**20), ("1.5GiB", 3 * 2**29)):
         assert settings(VLLM_KV_CACHE_MEMORY_BYTES=raw).vllm_kv_cache_memory_bytes == expected, raw
 

@@ -140,6 +140,8 @@ def test_multi_gpu_knobs_parse() -> None:
         ("VLLM_KV_CACHE_MEMORY_BYTES", "8 TB", "bytes as an integer or with a unit"),
         ("VLLM_COMPILATION_MODE", "fast", "none, stock_torch_compile, dynamo_trace_once, vllm_compile"),
         ("VLLM_CUDAGRAPH_MODE", "always", "none, piecewise, full, full_decode_only, full_and_piecewise"),
+        ("VLLM_CUDAGRAPH_CAPTURE_SIZES", "8,big", "comma-separated integers >= 1"),
+        ("VLLM_CUDAGRAPH_CAPTURE_SIZES", "0,8", "comma-separated integers >= 1"),
     ],
 )
 def test_invalid_value_names_variable_value_and_what_is_allowed(name: str, value: str, allowed: str) -> None:
@@ -165,6 +167,13 @@ def test_all_invalid_values_are_reported_at_once() -> None:
     text = str(info.value)
     for name, value in bad.items():
         assert f"{name}={value!r}" in text
+
+
+def test_capture_sizes_must_agree_with_the_largest_capture_size() -> None:
+    [message] = problems(VLLM_CUDAGRAPH_CAPTURE_SIZES="1,8,512", VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE="1024")
+    assert "VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE=1024" in message and "(512)" in message and "allowed" in message
+    agreed = Settings.from_environ({"VLLM_CUDAGRAPH_CAPTURE_SIZES": "512, 1,8", "VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE": "512"})
+    assert agreed.vllm_cudagraph_capture_sizes == (1, 8, 512)
 
 
 def test_budget_must_leave_room_for_the_prompt() -> None:
