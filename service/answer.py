@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 from service.engine import Engine, Item
 from service.prompting import Formatter, Overrides, Planner
 from service.settings import Settings
 from service.wire import Answers
+
+log = logging.getLogger("service")
 
 
 class Answerer:
@@ -32,8 +37,11 @@ class Answerer:
 
     async def answer(self, questions: list[str], overrides: Overrides | None = None) -> Answers:
         planner = self.planner
+        started = time.perf_counter()
         plans = planner.plan(questions, overrides or Overrides())
+        planned = time.perf_counter()
         outcomes = await self.engine.generate([Item(p.prompt, p.sampling) for p in plans])
+        generated = time.perf_counter()
         texts: list[str] = []
         errors: list[tuple[int, str]] = []
         tokens = 0
@@ -47,4 +55,6 @@ class Answerer:
             tokens += outcome.tokens
             by_route[plan.route] = by_route.get(plan.route, 0) + outcome.tokens
             texts.append(post(question, outcome.text, plan.short))
+        log.log(logging.INFO if len(questions) >= 64 else logging.DEBUG, "%d questions: plan %.3f s, post %.3f s",
+                len(questions), planned - started, time.perf_counter() - generated)
         return Answers(texts, errors, tokens, by_route)

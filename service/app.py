@@ -163,6 +163,7 @@ def create_app(settings: Settings, engine: EngineClient) -> Litestar:
 
     @post("/predict")
     async def predict(request: Request) -> Response[bytes]:
+        received = time.perf_counter()
         body = await request.body()
         if not body.strip():
             raise ClientError(400, "empty_body", 'the body is empty: send {"prompt": "question"} or a list')
@@ -192,7 +193,12 @@ def create_app(settings: Settings, engine: EngineClient) -> Litestar:
             if errors:
                 raise ClientError(400, "item_error", errors[0].message, "prompt")
             return _json(PredictResponse(result.texts[0]))
-        return _json(PredictResponse(result.texts, errors))
+        answered = time.perf_counter()
+        response = _json(PredictResponse(result.texts, errors))
+        log.log(logging.INFO if len(questions) >= 64 else logging.DEBUG,
+                "/predict %d questions: body and checks %.3f s, engine %.3f s, response %.3f s", len(questions),
+                started - received, answered - started, time.perf_counter() - answered)
+        return response
 
     @get("/info", sync_to_thread=False)
     def info() -> Response[bytes]:
