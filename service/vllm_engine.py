@@ -9,7 +9,6 @@ batch call per request (the fast tokenizer spreads it over the cores) and passed
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -211,61 +210,39 @@ class VllmEngine:
         tokenized = time.perf_counter()
         limit = self.max_model_len
         params: dict[int, Any] = {}
-        outcomes = [Outcome() for _ in items]
-        added: asyncio.Queue[tuple[int, Any, bool] | None] = asyncio.Queue()
-        in_engine: dict[str, Any] = {}  # the engine's request id -> its output collector, until answered
 
-        async def submit() -> None:
-            """Every question into the engine in one loop, as ``LLM.generate`` does; waits only on the gate."""
-            for index, (item, token_ids) in enumerate(zip(items, ids, strict=True)):
-                if token_ids is not None and len(token_ids) >= limit:
-                    outcomes[index].error = (f"the question is {len(token_ids)} tokens after chat formatting; "
-                                             f"MAX_MODEL_LEN={limit} leaves no room for an answer")
-                    continue
-                sp = params.get(id(item.sampling))
-                if sp is None:
-                    sp = params[id(item.sampling)] = SamplingParams(**item.sampling,
-                                                                    output_kind=RequestOutputKind.FINAL_ONLY)
-                prompt = tokens_input(token_ids) if token_ids is not None else item.prompt
-                await self._gate.acquire()
-                try:
-                    collector = await self._llm.add_request(f"q{next(self._ids)}", prompt, sp)
-                except ValueError as exc:  # vLLM's validation errors (VLLMValidationError is one)
-                    self._gate.release()
-                    outcomes[index].error = str(exc)
-                    continue
-                except EngineDeadError as exc:
-                    self._gate.release()
-                    raise EngineDead(f"vLLM engine died: {exc}") from exc
+        async def one(item: Item, token_ids: list[int] | None) -> Outcome:
+            if token_ids is not None and len(token_ids) >= limit:
+                return Outcome(error=f"the question is {len(token_ids)} tokens after chat formatting; "
+                                     f"MAX_MODEL_LEN={limit} leaves no room for an answer")
+            key = id(item.sampling)
+            sp = params.get(key)
+            if sp is None:
+                sp = params[key] = SamplingParams(**item.sampling, output_kind=RequestOutputKind.FINAL_ONLY)
+            prompt = tokens_input(token_ids) if token_ids is not None else item.prompt
+            async with self._gate:
                 self.stats.enter()
-                in_engine[collector.request_id] = collector
-                added.put_nowait((index, collector, sp.detokenize))
-            added.put_nowait(None)
-
-        async def collect() -> None:
-            """Each answer in submission order (one final output per question); its gate slot frees at once."""
-            while (entry := await added.get()) is not None:
-                index, collector, detokenized = entry
                 try:
-                    output = collector.get_nowait() or await collector.get()
-                    while not output.finished:
-                        output = collector.get_nowait() or await collector.get()
+                    final = None
+                    async for output in self._llm.generate(prompt, sp, f"q{next(self._ids)}"):
+                        final = output
                 except EngineDeadError as exc:
                     raise EngineDead(f"vLLM engine died: {exc}") from exc
-                del in_engine[collector.request_id]
-                self._gate.release()
-                self.stats.leave()
-                completion, outcome = output.outputs[0], outcomes[index]
-                outcome.text, outcome.tokens = completion.text, len(completion.token_ids)
-                outcome.token_ids = None if detokenized else list(completion.token_ids)
+                except ValueError as exc:  # vLLM's validation errors (VLLMValidationError is one)
+                    return Outcome(error=str(exc))
+                finally:
+                    self.stats.leave()
+            assert final is not None
+            completion = final.outputs[0]
+            return Outcome(text=completion.text, tokens=len(completion.token_ids),
+                           token_ids=None if sp.detokenize else completion.token_ids)
 
-        tasks = [asyncio.ensure_future(submit()), asyncio.ensure_future(collect())]
+        tasks = [asyncio.ensure_future(one(item, i)) for item, i in zip(items, ids, strict=True)]
         try:
-            await asyncio.gather(*tasks)
+            outcomes = list(await asyncio.gather(*tasks))
         except BaseException:
             for task in tasks:
                 task.cancel()
-            await self._abandon(in_engine)
             raise
         generated = time.perf_counter()
         undecoded = [o for o in outcomes if o.token_ids is not None]
@@ -278,19 +255,6 @@ class VllmEngine:
                 "%d questions: tokenise %.3f s, generate %.3f s, decode %.3f s", len(items),
                 tokenized - started, generated - tokenized, time.perf_counter() - generated)
         return outcomes
-
-    async def _abandon(self, in_engine: dict[str, Any]) -> None:
-        """Abort the questions still in the engine (a request cancelled or failed) and free their slots."""
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        ids = list(in_engine)
-        in_engine.clear()
-        for _ in ids:
-            self._gate.release()
-            self.stats.leave()
-        if ids and self._llm is not None and not self._llm.errored:
-            with contextlib.suppress(EngineDeadError):
-                await self._llm.abort(ids, internal=True)
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None
