@@ -340,7 +340,7 @@ def test_two_engine_workers_split_a_request_and_keep_its_order(
         tmp_path: Path, demo_model: Path, service: Service) -> None:
     """ENGINE_WORKERS=2: the questions are split over two engines and merged back in order.
 
-    This service also decodes token by token and keeps no engine statistics (DETOKENIZE_AT_END=0,
+    This service also decodes each answer once at the end and keeps no engine statistics (DETOKENIZE_AT_END=1,
     ENGINE_STATS=0): its answers are still the default service's, and /metrics leaves out the scheduler's counts.
     """
     qs = questions(60)
@@ -348,7 +348,7 @@ def test_two_engine_workers_split_a_request_and_keep_its_order(
     status, expected = http_json("POST", service.url + "/predict", {"prompt": qs})
     assert status == 200
     svc = start_service(tmp_path, demo_env(demo_model, ENGINE_WORKERS="2", GPU_MEMORY_UTILIZATION="0.2",
-                                           DETOKENIZE_AT_END="0", ENGINE_STATS="0"))
+                                           DETOKENIZE_AT_END="1", ENGINE_STATS="0"))
     try:
         svc.wait_ready()
         tree = descendants(svc.server.pid)
