@@ -106,15 +106,16 @@ def _choice(*choices: str, optional: bool = False) -> Callable[[str], str | None
 
 def _sizes(raw: str) -> tuple[int, ...] | None:
     """Comma-separated batch sizes, e.g. ``1,2,4,8,256,2048`` (empty: None)."""
-    parts = [x.strip() for x in raw.split(",") if x.strip()]
+    allowed = "allowed: comma-separated integers >= 1 (e.g. 1,2,4,8,512,2048) or empty"
+    parts = _list(raw)
     if not parts:
         return None
     try:
         sizes = tuple(sorted({int(x) for x in parts}))
     except ValueError:
-        raise ValueError("allowed: comma-separated integers >= 1 (e.g. 1,2,4,8,512,2048) or empty") from None
+        raise ValueError(allowed) from None
     if sizes[0] < 1:
-        raise ValueError("allowed: comma-separated integers >= 1 (e.g. 1,2,4,8,512,2048) or empty")
+        raise ValueError(allowed)
     return sizes
 
 
