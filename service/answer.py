@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from service.engine import Engine, Item
+from service.engine import Engine, Item, timing_level
 from service.prompting import Formatter, Overrides, Planner
 from service.settings import Settings
 from service.wire import Answers
@@ -55,6 +55,6 @@ class Answerer:
             tokens += outcome.tokens
             by_route[plan.route] = by_route.get(plan.route, 0) + outcome.tokens
             texts.append(post(question, outcome.text, plan.short))
-        log.log(logging.INFO if len(questions) >= 64 else logging.DEBUG, "%d questions: plan %.3f s, post %.3f s",
+        log.log(timing_level(len(questions)), "%d questions: plan %.3f s, post %.3f s",
                 len(questions), planned - started, time.perf_counter() - generated)
         return Answers(texts, errors, tokens, by_route)

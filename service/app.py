@@ -22,7 +22,7 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.client import EngineClient
-from service.engine import EngineDead, EngineUnavailable
+from service.engine import EngineDead, EngineUnavailable, timing_level
 from service.metrics import CONTENT_TYPE, Metrics
 from service.prompting import Overrides
 from service.schemas import (
@@ -195,7 +195,7 @@ def create_app(settings: Settings, engine: EngineClient) -> Litestar:
             return _json(PredictResponse(result.texts[0]))
         answered = time.perf_counter()
         response = _json(PredictResponse(result.texts, errors))
-        log.log(logging.INFO if len(questions) >= 64 else logging.DEBUG,
+        log.log(timing_level(len(questions)),
                 "/predict %d questions: body and checks %.3f s, engine %.3f s, response %.3f s", len(questions),
                 started - received, answered - started, time.perf_counter() - answered)
         return response

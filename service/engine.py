@@ -97,6 +97,11 @@ class Engine(Protocol):
         """Stop the engine and every process it started."""
 
 
+def timing_level(questions: int) -> int:
+    """Log level of a request's stage timings: INFO for a batch (64 questions or more), else DEBUG."""
+    return logging.INFO if questions >= 64 else logging.DEBUG
+
+
 def shard_spans(count: int, parts: int) -> list[tuple[int, int]]:
     """Contiguous, balanced ``[lo, hi)`` spans of ``count`` questions over ``parts`` engines (none empty)."""
     bounds = [count * i // parts for i in range(parts + 1)]

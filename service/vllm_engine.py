@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from service.engine import EngineDead, EngineStats, EngineUnavailable, Item, Outcome, require_import
+from service.engine import EngineDead, EngineStats, EngineUnavailable, Item, Outcome, require_import, timing_level
 from service.procs import reap_children
 from service.settings import Settings
 
@@ -251,7 +251,7 @@ class VllmEngine:
             texts = await asyncio.to_thread(decode_answers, *args) if len(undecoded) > 8 else decode_answers(*args)
             for outcome, text in zip(undecoded, texts, strict=True):
                 outcome.text, outcome.token_ids = text, None
-        log.log(logging.INFO if len(items) >= 64 else logging.DEBUG,
+        log.log(timing_level(len(items)),
                 "%d questions: tokenise %.3f s, generate %.3f s, decode %.3f s", len(items),
                 tokenized - started, generated - tokenized, time.perf_counter() - generated)
         return outcomes
