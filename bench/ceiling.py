@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from service.client import engine_environ
 from service.engine import engines_start_together, shard_spans
 
 log = logging.getLogger("bench")
@@ -147,7 +148,7 @@ class ShardedCeiling:
 
     def __init__(self, settings: Any, env: dict[str, str], log_stem: Path):
         started = time.perf_counter()
-        child_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH", "")]))}
+        child_env = engine_environ(env)  # the environment the service gives its engine workers
         self.children: list[_Child] = []
         together = engines_start_together(settings)  # as the service starts its workers
         try:
