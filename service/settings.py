@@ -237,6 +237,9 @@ class Settings:
     vllm_kv_cache_memory_bytes: int | None = var(
         _optional_bytes, "KV-cache size per engine, e.g. 8GiB (empty: GPU_MEMORY_UTILIZATION decides by profiling).")
     engine_workers: int = var(_int(1, 64), "Engine workers sharing the device; questions are split over them.")
+    engine_frontend: str = var(_choice("async", "sync"),
+                               "vLLM front end: async (AsyncLLM, as vLLM's API server) or sync (LLMEngine stepped "
+                               "on one thread, as LLM.generate).")
     vllm_async_scheduling: bool | None = var(_optional_bool, "Overlap scheduling with execution (empty: engine decides).")
     pretokenize: bool = var(_bool, "Tokenise prompts in one batch in the engine worker and pass token ids.")
     detokenize_at_end: bool = var(_bool, "Decode answers once when finished, not token by token, when no stop string needs the text.")

@@ -134,7 +134,13 @@ def _stat_logger_factory(stats: EngineStats) -> Any:
 
 
 class VllmEngine:
-    """``AsyncLLM`` owned by the app's lifespan (``start`` / ``shutdown``)."""
+    """vLLM owned by the app's lifespan (``start`` / ``shutdown``), behind one of two front ends.
+
+    ``ENGINE_FRONTEND=async``: ``AsyncLLM`` (vLLM's API server's), one task per question.
+    ``ENGINE_FRONTEND=sync``: ``LLMEngine`` stepped on one thread as ``LLM.generate`` does
+    (``service.vllm_step.StepLoop``).  Both share the engine arguments, the prompts (token ids) and the
+    sampling parameters; concurrent requests batch together in the engine with either.
+    """
 
     name = "vllm"
 
@@ -142,7 +148,8 @@ class VllmEngine:
         self.settings = settings
         self.notice: str | None = None
         self.stats = EngineStats()
-        self._llm: Any = None
+        self._llm: Any = None  # AsyncLLM or LLMEngine
+        self._steps: Any = None  # the StepLoop driving an LLMEngine
         self._tokenizer: Any = None
         self._ids = itertools.count()
         self._gate = asyncio.Semaphore(settings.batch_concurrency)
@@ -151,28 +158,45 @@ class VllmEngine:
 
     def check(self) -> None:
         require_import("vllm", "vLLM", VLLM_HINT)
-        require_import("vllm.v1.engine.async_llm", "vLLM's async engine", VLLM_HINT)
+        if self.settings.engine_frontend == "sync":
+            require_import("vllm.v1.engine.llm_engine", "vLLM's LLMEngine", VLLM_HINT)
+        else:
+            require_import("vllm.v1.engine.async_llm", "vLLM's async engine", VLLM_HINT)
 
     async def start(self) -> None:
         self.check()
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         s = self.settings
         if s.vllm_max_num_seqs and s.batch_concurrency < s.vllm_max_num_seqs:
             log.warning("BATCH_CONCURRENCY=%d < VLLM_MAX_NUM_SEQS=%d: the engine's batch can never be full",
                         s.batch_concurrency, s.vllm_max_num_seqs)
         # Without ENGINE_STATS the engine keeps no statistics: vLLM's stat loggers (its log line, Prometheus)
         # would otherwise run in this process for every generated token, beside the answers' own work.
-        args = AsyncEngineArgs(**engine_args(s), disable_log_stats=not s.engine_stats)
         loggers = [_stat_logger_factory(self.stats)] if s.engine_stats else None
         self.stats.has_scheduler = s.engine_stats
         started = time.perf_counter()
         # Building the engine blocks (model load, profiling); keep the event loop answering health.
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=loggers)
+        if s.engine_frontend == "sync":
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.usage.usage_lib import UsageContext
+            from vllm.v1.engine.exceptions import EngineDeadError
+            from vllm.v1.engine.llm_engine import LLMEngine
+
+            from service.vllm_step import StepLoop
+
+            args = EngineArgs(**engine_args(s), disable_log_stats=not s.engine_stats)
+            self._llm = await asyncio.to_thread(LLMEngine.from_engine_args, args, UsageContext.LLM_CLASS, loggers)
+            self._steps = StepLoop(self._llm, asyncio.get_running_loop(), s.batch_concurrency, EngineDeadError)
+            self._steps.start()
+        else:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            args = AsyncEngineArgs(**engine_args(s), disable_log_stats=not s.engine_stats)
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=loggers)
         self._tokenizer = self._llm.get_tokenizer()
         self.init_seconds = time.perf_counter() - started
-        log.info("vLLM engine ready in %.1f s (model %s)", self.init_seconds, s.model_dir)
+        log.info("vLLM engine ready in %.1f s (model %s, %s front end)", self.init_seconds, s.model_dir,
+                 "LLMEngine" if self._steps is not None else "AsyncLLM")
 
     @property
     def tokenizer(self) -> Any:
@@ -185,6 +209,11 @@ class VllmEngine:
     def alive(self) -> str | None:
         if self._dead is not None:
             return self._dead
+        if self._steps is not None:
+            resources = getattr(self._llm.engine_core, "resources", None)
+            if getattr(resources, "engine_dead", False):
+                return "vLLM engine died: its engine core process stopped"
+            return self._steps.problem
         if self._llm is not None and self._llm.errored:
             return f"vLLM engine died: {self._llm.dead_error}"
         return None
@@ -197,7 +226,6 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.inputs.engine import tokens_input
         from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.exceptions import EngineDeadError
 
         if (problem := self.alive()) is not None:
             raise EngineDead(problem)
@@ -210,16 +238,44 @@ class VllmEngine:
         tokenized = time.perf_counter()
         limit = self.max_model_len
         params: dict[int, Any] = {}
-
-        async def one(item: Item, token_ids: list[int] | None) -> Outcome:
+        outcomes: list[Outcome | None] = [None] * len(items)
+        requests: list[tuple[int, Any, Any]] = []  # (index, prompt, sampling params)
+        for index, (item, token_ids) in enumerate(zip(items, ids, strict=True)):
             if token_ids is not None and len(token_ids) >= limit:
-                return Outcome(error=f"the question is {len(token_ids)} tokens after chat formatting; "
-                                     f"MAX_MODEL_LEN={limit} leaves no room for an answer")
-            key = id(item.sampling)
-            sp = params.get(key)
+                outcomes[index] = Outcome(error=f"the question is {len(token_ids)} tokens after chat formatting; "
+                                                f"MAX_MODEL_LEN={limit} leaves no room for an answer")
+                continue
+            sp = params.get(id(item.sampling))
             if sp is None:
-                sp = params[key] = SamplingParams(**item.sampling, output_kind=RequestOutputKind.FINAL_ONLY)
-            prompt = tokens_input(token_ids) if token_ids is not None else item.prompt
+                sp = params[id(item.sampling)] = SamplingParams(**item.sampling,
+                                                                output_kind=RequestOutputKind.FINAL_ONLY)
+            requests.append((index, tokens_input(token_ids) if token_ids is not None else item.prompt, sp))
+        submit = self._step_all if self._steps is not None else self._stream_all
+        for (index, _, sp), final in zip(requests, await submit(requests), strict=True):
+            if isinstance(final, str):
+                outcomes[index] = Outcome(error=final)
+                continue
+            completion = final.outputs[0]
+            outcomes[index] = Outcome(text=completion.text, tokens=len(completion.token_ids),
+                                      token_ids=None if sp.detokenize else completion.token_ids)
+        generated = time.perf_counter()
+        done = [o for o in outcomes if o is not None]
+        undecoded = [o for o in done if o.token_ids is not None]
+        if undecoded:
+            args = (self._tokenizer, [o.token_ids for o in undecoded])
+            texts = await asyncio.to_thread(decode_answers, *args) if len(undecoded) > 8 else decode_answers(*args)
+            for outcome, text in zip(undecoded, texts, strict=True):
+                outcome.text, outcome.token_ids = text, None
+        log.log(timing_level(len(items)),
+                "%d questions: tokenise %.3f s, generate %.3f s, decode %.3f s", len(items),
+                tokenized - started, generated - tokenized, time.perf_counter() - generated)
+        return done
+
+    async def _stream_all(self, requests: list[tuple[int, Any, Any]]) -> list[Any]:
+        """AsyncLLM: one task per question, each streaming into the engine; a final output or an error text."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        async def one(prompt: Any, sp: Any) -> Any:
             async with self._gate:
                 self.stats.enter()
                 try:
@@ -229,36 +285,46 @@ class VllmEngine:
                 except EngineDeadError as exc:
                     raise EngineDead(f"vLLM engine died: {exc}") from exc
                 except ValueError as exc:  # vLLM's validation errors (VLLMValidationError is one)
-                    return Outcome(error=str(exc))
+                    return str(exc)
                 finally:
                     self.stats.leave()
             assert final is not None
-            completion = final.outputs[0]
-            return Outcome(text=completion.text, tokens=len(completion.token_ids),
-                           token_ids=None if sp.detokenize else completion.token_ids)
+            return final
 
-        tasks = [asyncio.ensure_future(one(item, i)) for item, i in zip(items, ids, strict=True)]
+        tasks = [asyncio.ensure_future(one(prompt, sp)) for _, prompt, sp in requests]
         try:
-            outcomes = list(await asyncio.gather(*tasks))
+            return list(await asyncio.gather(*tasks))
         except BaseException:
             for task in tasks:
                 task.cancel()
             raise
-        generated = time.perf_counter()
-        undecoded = [o for o in outcomes if o.token_ids is not None]
-        if undecoded:
-            args = (self._tokenizer, [o.token_ids for o in undecoded])
-            texts = await asyncio.to_thread(decode_answers, *args) if len(undecoded) > 8 else decode_answers(*args)
-            for outcome, text in zip(undecoded, texts, strict=True):
-                outcome.text, outcome.token_ids = text, None
-        log.log(timing_level(len(items)),
-                "%d questions: tokenise %.3f s, generate %.3f s, decode %.3f s", len(items),
-                tokenized - started, generated - tokenized, time.perf_counter() - generated)
-        return outcomes
+
+    async def _step_all(self, requests: list[tuple[int, Any, Any]]) -> list[Any]:
+        """LLMEngine on the step thread: every question submitted at once; a final output or an error text."""
+        ids = [f"q{next(self._ids)}" for _ in requests]
+        futures = self._steps.submit([(rid, prompt, sp) for rid, (_, prompt, sp) in zip(ids, requests, strict=True)])
+        self.stats.enter(len(futures))
+        try:
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        except asyncio.CancelledError:
+            self._steps.abort(ids)
+            raise
+        finally:
+            self.stats.leave(len(futures))
+        out: list[Any] = []
+        for result in results:
+            if isinstance(result, RuntimeError):  # the step loop stopped: nothing more can be answered
+                raise EngineDead(str(result))
+            out.append(str(result) if isinstance(result, ValueError) else result)
+        return out
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None
+        steps, self._steps = self._steps, None
         self._dead = "the engine is shut down"
-        if llm is not None:
+        if steps is not None:
+            await asyncio.to_thread(steps.stop)
+            await asyncio.to_thread(llm.engine_core.shutdown)
+        elif llm is not None:
             await asyncio.to_thread(llm.shutdown)
         await asyncio.to_thread(reap_children)

@@ -1,0 +1,97 @@
+"""``ENGINE_FRONTEND=sync``: the real vLLM CPU engine as ``LLMEngine`` stepped on a thread, over real HTTP.
+
+The answers must be the default (``AsyncLLM``) service's, item errors stay per item, concurrent requests
+batch together within ``BATCH_CONCURRENCY``, and SIGTERM during a batch still stops the whole tree.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from bench.client import generated_tokens
+from tests.conftest import Service, alive, demo_env, descendants, http_json, port_is_free, start_service
+from tests.test_service import SHORT, metric, questions
+
+LIMIT = 8  # BATCH_CONCURRENCY of the stepped service: the most questions in its engine at once
+
+
+@pytest.fixture(scope="module")
+def stepped(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    svc = start_service(tmp_path_factory.mktemp("stepped"),
+                        demo_env(demo_model, ENGINE_FRONTEND="sync", BATCH_CONCURRENCY=str(LIMIT),
+                                 SHUTDOWN_TIMEOUT="20"))
+    svc.wait_ready()
+    yield svc
+    svc.server.stop(timeout=5)
+
+
+def test_sync_front_end_gives_the_async_answers(stepped: Service, service: Service) -> None:
+    qs = questions(60)
+    qs[41] = "很长的问题" * 2000
+    status, expected = http_json("POST", service.url + "/predict", {"prompt": qs})
+    assert status == 200, expected
+    status, body = http_json("POST", stepped.url + "/predict", {"prompt": qs})
+    assert status == 200, body
+    assert body["response"] == expected["response"]
+    assert [e["index"] for e in body["errors"]] == [41]
+    assert "MAX_MODEL_LEN" in body["errors"][0]["message"]
+    assert http_json("POST", stepped.url + "/predict", {"prompt": SHORT}) == \
+        http_json("POST", service.url + "/predict", {"prompt": SHORT})
+    assert "LLMEngine front end" in stepped.server.log()
+    assert http_json("GET", stepped.url + "/info")[1]["settings"]["ENGINE_FRONTEND"] == "sync"
+
+
+def generated(svc: Service) -> float:
+    return generated_tokens(http_json("GET", svc.url + "/metrics")[1])
+
+
+def test_sync_front_end_overrides_reach_the_engine(stepped: Service) -> None:
+    before = generated(stepped)
+    status, reply = http_json("POST", stepped.url + "/predict", {"prompt": questions(4), "max_new_tokens": 3})
+    assert status == 200, reply
+    middle = generated(stepped)
+    status, reply = http_json("POST", stepped.url + "/predict", {"prompt": questions(4), "max_new_tokens": 30})
+    assert status == 200, reply
+    assert 4 <= middle - before <= 12, middle - before
+    assert generated(stepped) - middle > 12
+
+
+def test_sync_front_end_batches_concurrent_requests_within_the_limit(stepped: Service) -> None:
+    qs = questions(96)
+
+    def ask(q: str) -> str:
+        status, body = http_json("POST", stepped.url + "/predict", {"prompt": q})
+        assert status == 200, body
+        return body["response"]
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, qs))
+    assert len(answers) == 96 and all(isinstance(a, str) for a in answers)
+    time.sleep(0.6)  # the worker pushes its counters every 0.25 s
+    peak = metric(stepped, "qa_engine_running_sequences_peak")
+    assert 4 <= peak <= LIMIT, f"peak {peak}: requests were serialised (< 4) or BATCH_CONCURRENCY ignored (> {LIMIT})"
+
+
+def test_sync_front_end_sigterm_during_batch_stops_the_whole_tree(stepped: Service) -> None:
+    proc = stepped.server.proc
+    tree = descendants(proc.pid)
+    results: list[object] = []
+    batch = threading.Thread(
+        target=lambda: results.append(http_json("POST", stepped.url + "/predict", {"prompt": questions(200)})),
+        daemon=True,
+    )
+    batch.start()
+    time.sleep(1.5)
+    proc.terminate()
+    proc.wait(60)
+    assert proc.returncode == 0, stepped.server.log()[-3000:]
+    assert not [p for p in tree if alive(p)], "processes outlived the server"
+    assert port_is_free(stepped.port)
+    batch.join(30)
+    assert results and results[0][0] == 200 and len(results[0][1]["response"]) == 200
