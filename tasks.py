@@ -91,7 +91,7 @@ def _flags(**values: object) -> list[str]:
     return argv
 
 
-@task(iterable=["var"], help={
+@task(iterable=["var", "variant"], help={
     "url": "benchmark a running service; default: start one here (python -m service on a free port)",
     "preset": "preset for the service started here and the ceiling engine (e.g. demo)",
     "data": "question file (jsonl, messages format); default ../shared/data/pmpp_qa.jsonl",
@@ -103,15 +103,17 @@ def _flags(**values: object) -> list[str]:
     "startup": "only measure start-up: N alternating rounds of the service against the engine alone",
     "concurrency": "C clients sending single questions, compared with the same questions in one request",
     "var": "KEY=VALUE for both the service and the ceiling engine (repeatable)",
+    "variant": "'NAME KEY=VALUE ...': also measure a service with these values changed, same ceiling (repeatable)",
     "json": "print the report as JSON",
 })
 def bench(c: Context, url: str = "", preset: str = "", data: str = "", n: int = 2000, offset: int = 0,
           rounds: int = 3, ceiling: bool = False, breakdown: bool = False, startup: int = 0, concurrency: int = 0, var: list[str] | None = None,
-          json: bool = False) -> None:
+          variant: list[str] | None = None, json: bool = False) -> None:
     """Throughput of the service (all questions in one POST /predict) against the engine's own ceiling."""
     setup_logging()
     argv = _flags(url=url, preset=preset, data=data, n=n, offset=offset, rounds=rounds, ceiling=ceiling,
-                  breakdown=breakdown, startup=startup, concurrency=concurrency, set=var or [], json=json)
+                  breakdown=breakdown, startup=startup, concurrency=concurrency, set=var or [],
+                  variant=variant or [], json=json)
     raise Exit(code=run_tool("bench.bench", argv))
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -191,6 +192,7 @@ class Report:
     memory_mb: dict[str, float] = field(default_factory=dict)
     breakdown_s: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def summarize(runs: list[Run]) -> dict[str, Any]:
@@ -218,6 +220,11 @@ def table(report: Report) -> str:
                      f"{part['questions_per_s']['median']:>9.1f}{part['tokens_per_s']['median']:>10.0f}")
     for key, value in report.ratio.items():
         lines.append(f"ratio {key}: {value:.3f}")
+    for name, entry in report.variants.items():
+        s = entry["service"]["seconds"]
+        ratio = ", ".join(f"{key} {value:.3f}" for key, value in entry.get("ratio", {}).items())
+        lines.append(f"variant {name}: median {s['median']:.2f} s ({s['min']:.2f}-{s['max']:.2f}){'; ' if ratio else ''}"
+                     f"{ratio}")
     for key, value in {**report.startup, **report.memory_mb, **report.breakdown_s}.items():
         lines.append(f"{key}: {value}")
     return "\n".join(lines)
@@ -246,47 +253,70 @@ def service_env(preset: str | None, overrides: list[str]) -> dict[str, str]:
     return env
 
 
+def variants(args: argparse.Namespace, env: dict[str, str]) -> list[tuple[str, dict[str, str], Path]]:
+    """(name, service environment, log path) of each service configuration: the preset, then each --variant."""
+    configs = [("preset", env, Path(args.log))]
+    for spec in args.variant:
+        name, *pairs = shlex.split(spec)
+        if not pairs or not all("=" in pair for pair in pairs):
+            raise SystemExit(f"[bench] --variant {spec!r}: expected 'NAME KEY=VALUE [KEY=VALUE ...]'")
+        changed = {**env, **dict(pair.split("=", 1) for pair in pairs)}
+        configs.append((name, changed, Path(args.log).with_name(f"{Path(args.log).stem}-{name}.log")))
+    return configs
+
+
 def measure(args: argparse.Namespace) -> Report:
     from service.settings import Settings
 
     env = service_env(args.preset, args.set)
     questions = load_questions(args.data, args.n, args.offset)
     settings = Settings.from_environ(env)
+    configs = variants(args, env)
+    for _, config_env, _ in configs[1:]:
+        Settings.from_environ(config_env)  # a bad variant fails now, not after the first service's rounds
+    if args.url and len(configs) > 1:
+        raise SystemExit("[bench] --variant starts services of its own: it cannot be used with --url")
     mode = f"concurrency {args.concurrency}" if args.concurrency else "one request"
     report = Report(len(questions), args.rounds, mode, settings={
         "MODEL_DIR": str(settings.model_dir), "DISABLE_TOKEN_ROUTING": settings.disable_token_routing,
         "VLLM_MAX_NUM_SEQS": settings.vllm_max_num_seqs, "BATCH_CONCURRENCY": settings.batch_concurrency,
-        "PRETOKENIZE": settings.pretokenize})
+        "PRETOKENIZE": settings.pretokenize, "ENGINE_WORKERS": settings.engine_workers})
     ceiling: Ceiling | ShardedCeiling | None = None
-    service_runs: list[Run] = []
-    ceiling_runs: list[Run] = []
+    runs: dict[str, list[Run]] = {}
+    ceiling_runs: dict[str, list[Run]] = {}
     batch_runs: list[Run] = []
     try:
-        if args.ceiling and not args.separate:
+        for name, config_env, log_path in configs:
+            service_runs = runs.setdefault(name, [])
+            paired = ceiling_runs.setdefault(name, [])
+            with _target(args, config_env, log_path) as (url, pid, spawn_to_ready):
+                status, info = request("GET", url + "/info")
+                startup = report.startup if name == "preset" else report.variants.setdefault(name, {})
+                startup.update({k: info.get(k) for k in ("ready_after_s", "engine_init_s") if k in info})
+                if spawn_to_ready is not None:
+                    startup["service_spawn_to_ready_s"] = round(spawn_to_ready, 2)
+                if args.ceiling and not args.separate and ceiling is None:
+                    # Built beside the first service, once it is ready: a fresh machine's first start is the service's.
+                    ceiling = _build_ceiling(args, settings, env, report)
+                for round_ in range(1, args.rounds + 1):
+                    if args.concurrency:
+                        service_runs.append(service_concurrent(url, questions, args.concurrency))
+                        batch_runs.append(service_batch(url, questions))
+                    else:
+                        service_runs.append(service_batch(url, questions))
+                    if ceiling is not None:
+                        paired.append(ceiling.run(questions))
+                    log.info("[bench] %s round %d/%d: service %.2f s%s", name, round_, args.rounds,
+                             service_runs[-1].seconds, f", ceiling {paired[-1].seconds:.2f} s" if paired else "")
+                if pid is not None and name == "preset":
+                    report.memory_mb = {"api_process_rss_mb": round(rss_mb(pid), 1),
+                                        "api_process_peak_rss_mb": round(rss_mb(pid, "VmHWM"), 1)}
+        if args.ceiling and args.separate:  # the services have stopped: the ceiling has the device to itself
             ceiling = _build_ceiling(args, settings, env, report)
-        with _target(args, env) as (url, pid, spawn_to_ready):
-            status, info = request("GET", url + "/info")
-            report.startup.update({k: info.get(k) for k in ("ready_after_s", "engine_init_s") if k in info})
-            if spawn_to_ready is not None:
-                report.startup["service_spawn_to_ready_s"] = round(spawn_to_ready, 2)
+            separate = ceiling_runs["preset"]
             for round_ in range(1, args.rounds + 1):
-                if args.concurrency:
-                    service_runs.append(service_concurrent(url, questions, args.concurrency))
-                    batch_runs.append(service_batch(url, questions))
-                else:
-                    service_runs.append(service_batch(url, questions))
-                if ceiling is not None:
-                    ceiling_runs.append(ceiling.run(questions))
-                log.info("[bench] round %d/%d: service %.2f s%s", round_, args.rounds, service_runs[-1].seconds,
-                         f", ceiling {ceiling_runs[-1].seconds:.2f} s" if ceiling_runs else "")
-            if pid is not None:
-                report.memory_mb = {"api_process_rss_mb": round(rss_mb(pid), 1),
-                                    "api_process_peak_rss_mb": round(rss_mb(pid, "VmHWM"), 1)}
-        if args.ceiling and args.separate:  # the service has stopped: the ceiling has the device to itself
-            ceiling = _build_ceiling(args, settings, env, report)
-            for round_ in range(1, args.rounds + 1):
-                ceiling_runs.append(ceiling.run(questions))
-                log.info("[bench] ceiling round %d/%d: %.2f s", round_, args.rounds, ceiling_runs[-1].seconds)
+                separate.append(ceiling.run(questions))
+                log.info("[bench] ceiling round %d/%d: %.2f s", round_, args.rounds, separate[-1].seconds)
         if ceiling is not None and args.breakdown:
             for variant in Ceiling.VARIANTS:
                 report.breakdown_s[variant] = round(ceiling.run(questions, variant).seconds, 3)
@@ -294,18 +324,31 @@ def measure(args: argparse.Namespace) -> Report:
     finally:
         if ceiling is not None:
             ceiling.close()
-    report.service = summarize(service_runs)
-    if ceiling_runs:
-        report.ceiling = summarize(ceiling_runs)
-        report.ratio["service/ceiling (median seconds)"] = (
-            report.service["seconds"]["median"] / report.ceiling["seconds"]["median"])
-        report.ratio["service/ceiling (paired, median)"] = statistics.median(
-            s.seconds / c.seconds for s, c in zip(service_runs, ceiling_runs, strict=True))
+    report.service = summarize(runs["preset"])
+    if ceiling_runs["preset"]:
+        report.ceiling = summarize(ceiling_runs["preset"])
+        report.ratio = ratios(runs["preset"], ceiling_runs["preset"])
+    for name, _, _ in configs[1:]:
+        # With --separate every configuration is compared with the one set of ceiling rounds after them.
+        against = ceiling_runs[name] or ceiling_runs["preset"]
+        entry = report.variants[name]
+        entry["service"] = summarize(runs[name])
+        if against:
+            entry["ceiling"] = summarize(against)
+            entry["ratio"] = ratios(runs[name], against)
     if batch_runs:
-        report.ceiling = summarize(batch_runs) if not ceiling_runs else report.ceiling
+        report.ceiling = summarize(batch_runs) if not ceiling_runs["preset"] else report.ceiling
         report.ratio["concurrent/one request (paired, median)"] = statistics.median(
-            s.seconds / b.seconds for s, b in zip(service_runs, batch_runs, strict=True))
+            s.seconds / b.seconds for s, b in zip(runs["preset"], batch_runs, strict=True))
     return report
+
+
+def ratios(service: list[Run], ceiling: list[Run]) -> dict[str, float]:
+    """Service over ceiling: of the median seconds, and the median of the round-by-round ratios."""
+    return {"service/ceiling (median seconds)": statistics.median(r.seconds for r in service)
+            / statistics.median(r.seconds for r in ceiling),
+            "service/ceiling (paired, median)": statistics.median(
+                s.seconds / c.seconds for s, c in zip(service, ceiling, strict=True))}
 
 
 def _build_ceiling(args: argparse.Namespace, settings: Any, env: dict[str, str],
@@ -317,12 +360,12 @@ def _build_ceiling(args: argparse.Namespace, settings: Any, env: dict[str, str],
 
 
 @contextmanager
-def _target(args: argparse.Namespace, env: dict[str, str]) -> Iterator[tuple[str, int | None, float | None]]:
+def _target(args: argparse.Namespace, env: dict[str, str],
+            log_path: Path) -> Iterator[tuple[str, int | None, float | None]]:
     if args.url:
         wait_ready(args.url, 60)
         yield args.url.rstrip("/"), None, None
         return
-    log_path = Path(args.log)
     log.info("[bench] starting the service (log: %s)", log_path)
     with started_service(env, log_path) as (url, pid, spawn_to_ready):
         yield url, pid, spawn_to_ready
@@ -347,6 +390,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only measure start-up: N alternating rounds of service vs engine alone")
     p.add_argument("--concurrency", type=int, default=0, help="C clients sending single questions")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="variable for both engines")
+    p.add_argument("--variant", action="append", default=[], metavar="'NAME KEY=VALUE ...'",
+                   help="also measure the service with these variables changed (the ceiling stays as it is): "
+                        "another service, started after the previous one stopped, for the same rounds")
     p.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "qa-bench-service.log"),
                    help="where the started service logs")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
