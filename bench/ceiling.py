@@ -35,6 +35,7 @@ class Run:
     questions: int
     tokens: float
     errors: int = 0
+    client: dict[str, float] | None = None  # a service round: the client's JSON work and its wait (bench.client)
 
     @property
     def tokens_per_s(self) -> float:
@@ -48,10 +49,12 @@ class Ceiling:
         started = time.perf_counter()  # the import is part of the engine's own start-up, as in the service
         from vllm import LLM
 
+        from service.procs import freeze_heap
         from service.prompting import Formatter, Planner
         from service.vllm_engine import engine_args, stop_token_ids
 
         self.llm = LLM(**engine_args(settings))
+        freeze_heap("ceiling")  # as the service's engine workers do once their engine is up
         self.init_seconds = time.perf_counter() - started
         tokenizer = self.llm.get_tokenizer()
         self.tokenizer = tokenizer
@@ -70,7 +73,7 @@ class Ceiling:
         """One ``LLM.generate`` of every question; ``variant`` changes one thing (for the breakdown)."""
         from vllm import SamplingParams
 
-        from service.vllm_engine import decode_answers
+        from service.vllm_engine import decode_answers, encode_prompts
 
         started = time.perf_counter()
         plans = self.planner.plan(questions)
@@ -79,7 +82,7 @@ class Ceiling:
         params = [shared.setdefault(id(p.sampling), SamplingParams(**{**p.sampling, **change})) for p in plans]
         prompts: list[Any] = [p.prompt for p in plans]
         if self.pretokenize and variant != "text_prompts":
-            ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+            ids = encode_prompts(self.tokenizer, prompts)
             prompts = [{"prompt_token_ids": i} for i in ids]
         tokenized = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)

@@ -57,4 +57,4 @@ class Answerer:
             texts.append(post(question, outcome.text, plan.short))
         log.log(timing_level(len(questions)), "%d questions: plan %.3f s, post %.3f s",
                 len(questions), planned - started, time.perf_counter() - generated)
-        return Answers(texts, errors, tokens, by_route)
+        return Answers.of(texts, errors, tokens, by_route)

@@ -24,6 +24,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from service.client import EngineClient
 from service.engine import EngineDead, EngineUnavailable, timing_level
 from service.metrics import CONTENT_TYPE, Metrics
+from service.procs import freeze_heap
 from service.prompting import Overrides
 from service.schemas import (
     Error,
@@ -87,6 +88,7 @@ class QAState:
             self.status, self.problem = "error", f"{type(exc).__name__}: {exc}"
             log.error("engine start-up failed: %s", self.problem)
             return
+        freeze_heap("API process")  # start-up and warmup objects stay out of later collections
         self.status, self.ready_after = "ready", time.monotonic() - self.started
         self.metrics.ready.set(1)
         log.info("ready after %.1f s (backend %s)", self.ready_after, self.engine.name)
@@ -192,12 +194,13 @@ def create_app(settings: Settings, engine: EngineClient) -> Litestar:
         if isinstance(req.prompt, str):
             if errors:
                 raise ClientError(400, "item_error", errors[0].message, "prompt")
-            return _json(PredictResponse(result.texts[0]))
+            return _json(PredictResponse(result.texts()[0]))
         answered = time.perf_counter()
-        response = _json(PredictResponse(result.texts, errors))
+        response = _json(PredictResponse(msgspec.Raw(result.texts_json), errors))
         log.log(timing_level(len(questions)),
-                "/predict %d questions: body and checks %.3f s, engine %.3f s, response %.3f s", len(questions),
-                started - received, answered - started, time.perf_counter() - answered)
+                "/predict %d questions: body and checks %.3f s, engine %.3f s, response %.3f s (%d bytes)",
+                len(questions), started - received, answered - started, time.perf_counter() - answered,
+                len(response.content))
         return response
 
     @get("/info", sync_to_thread=False)

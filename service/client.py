@@ -386,13 +386,14 @@ class ShardedEngineClient:
         shards = [(lo, questions[lo:hi]) for lo, hi in shard_spans(len(questions), len(self.workers))]
         parts = await asyncio.gather(*(w.answer(qs, overrides) for w, (_, qs) in zip(self.workers, shards,
                                                                                            strict=False)))
-        merged = wire.Answers(texts=[], errors=[], tokens=0, tokens_by_route={})
+        errors: list[tuple[int, str]] = []
+        by_route: dict[str, int] = {}
         for (offset, _), part in zip(shards, parts, strict=True):
-            merged.texts.extend(part.texts)
-            merged.errors.extend((offset + index, message) for index, message in part.errors)
-            merged.tokens += part.tokens
+            errors.extend((offset + index, message) for index, message in part.errors)
             for route, count in part.tokens_by_route.items():
-                merged.tokens_by_route[route] = merged.tokens_by_route.get(route, 0) + count
+                by_route[route] = by_route.get(route, 0) + count
+        merged = wire.Answers(wire.join_arrays([p.texts_json for p in parts]), errors,
+                              sum(p.tokens for p in parts), by_route)
         return merged
 
     async def set_system_prompt(self, text: str) -> None:

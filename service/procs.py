@@ -1,7 +1,8 @@
-"""Process-tree housekeeping: stop every process the service started (engine core, workers)."""
+"""Process housekeeping: stop every process the service started (engine core, workers); freeze the heap."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -9,6 +10,21 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("service")
+
+
+def freeze_heap(what: str) -> None:
+    """Collect once, then move every object alive now out of the garbage collector's reach (``gc.freeze``).
+
+    What vLLM's API server and engine core do once they are up (``vllm.utils.gc_utils.freeze_gc_heap``).
+    A process that has imported torch and vLLM holds several hundred thousand tracked objects; without
+    this, the first full collection comes with the first large request and stalls it (0.4-0.5 s in each
+    engine worker, measured on the CPU and the H200), and later ones stall whichever engine they hit.
+    """
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.info("%s: %d objects frozen out of the garbage collector in %.2f s", what, gc.get_freeze_count(),
+             time.perf_counter() - started)
 
 
 def reap_children(timeout: float = 10.0) -> None:

@@ -36,7 +36,7 @@ class ItemError(Struct):
 class PredictResponse(Struct, omit_defaults=True):
     """One answer per question, in order; ``errors`` lists the items that could not be answered."""
 
-    response: str | list[str]
+    response: str | list[str] | msgspec.Raw  # Raw: the answers already encoded as one JSON array
     errors: list[ItemError] = []
 
 

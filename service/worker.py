@@ -21,7 +21,7 @@ import sys
 from service import wire
 from service.client import LocalEngineClient
 from service.engine import EngineDead, EngineUnavailable, build_engine
-from service.procs import reap_children
+from service.procs import freeze_heap, reap_children
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("service")
@@ -75,6 +75,7 @@ async def serve(client: LocalEngineClient, sock: socket.socket) -> None:
             wire.send(writer, wire.Failed(f"{type(exc).__name__}: {exc}", 1))
             await writer.drain()
             return
+        freeze_heap("engine worker")  # before the first request, as vLLM's own server does
         wire.send(writer, wire.Ready(client.init_seconds, client.max_model_len, client.chat_format,
                                      client.system_prompt))
         tasks.add(asyncio.create_task(_push_stats(client, writer)))

@@ -1,0 +1,44 @@
+"""Answers cross from the engine workers as JSON arrays; the API splices them. Prompts are encoded in one batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from service import wire
+from service.schemas import PredictResponse
+from service.vllm_engine import encode_prompts
+
+TRICKY = ['引号"和\\反斜杠', "换行\n与制表\t", "\x00\x1f控制", "emoji 🚀 \ud7ff", "", "[],{}", "\ufffd残缺"]
+
+
+def test_answers_keep_every_text_through_the_wire() -> None:
+    answers = wire.Answers.of(TRICKY, [(4, "too long")], 12, {"short": 12})
+    back = wire._decoder.decode(wire.frame(wire.Answered(7, answers))[4:])
+    assert isinstance(back, wire.Answered) and back.answers.texts() == TRICKY
+    assert back.answers.errors == [(4, "too long")] and back.answers.tokens_by_route == {"short": 12}
+
+
+@pytest.mark.parametrize("shards", [[TRICKY[:3], TRICKY[3:]], [[], TRICKY, []], [[], []], [TRICKY[:1]] * 3])
+def test_joined_arrays_are_the_concatenated_lists(shards: list[list[str]]) -> None:
+    joined = wire.join_arrays([wire.Answers.of(s, [], 0, {}).texts_json for s in shards])
+    assert json.loads(joined) == [text for shard in shards for text in shard]
+
+
+def test_the_response_embeds_the_encoded_answers_as_json() -> None:
+    body = msgspec.json.encode(PredictResponse(msgspec.Raw(wire.Answers.of(TRICKY, [], 0, {}).texts_json)))
+    assert json.loads(body) == {"response": TRICKY}
+
+
+def test_batch_encoding_gives_the_tokenizer_call_ids(demo_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    prompts = ["<|im_start|>user\n什么是warp？<|im_end|>\n<|im_start|>assistant\n", "kernel<<<1, 32>>>", "", *TRICKY]
+    expected = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    assert encode_prompts(tokenizer, prompts) == expected
+    tokenizer._tokenizer.enable_truncation(4)  # a tokenizer that truncates: the plain call (which does not)
+    assert encode_prompts(tokenizer, prompts) == expected
