@@ -41,26 +41,29 @@ _ENTRY = re.compile(r"(.*?) (\d+)\n", re.S)
 _PROCESS = re.compile(r'process (\d+):"(.*?)";', re.S)
 
 
-def summarize(raw: Path, top: int = 25) -> str:
-    """Self and inclusive sample counts per function, per process, from py-spy's raw output."""
+def summarize(raw: Path, top: int = 25, processes: int = 4) -> str:
+    """Self and inclusive sample counts per function, per process (per thread with ``--threads``)."""
     self_t: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     incl: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     total: collections.Counter[str] = collections.Counter()
     for entry in _ENTRY.finditer(raw.read_text(errors="replace")):
         stack, n = entry.group(1), int(entry.group(2))
-        processes = list(_PROCESS.finditer(stack))
-        if not processes:
+        found = list(_PROCESS.finditer(stack))
+        if not found:
             continue
-        last = processes[-1]
+        last = found[-1]
         process = f"{last.group(1)} {' '.join(last.group(2).split())[:50]}"
-        names = [f.split(" (")[0] for f in stack[last.end():].split(";") if f]
+        frames = [f for f in stack[last.end():].split(";") if f]
+        if frames and frames[0].startswith("thread ("):  # py-spy --threads: one entry per thread
+            process, frames = f"{process} {frames[0]}", frames[1:]
+        names = [f.split(" (")[0] for f in frames]
         total[process] += n
         if names:
             self_t[process][names[-1]] += n
         for name in set(names):
             incl[process][name] += n
     lines = []
-    for process, n in total.most_common(4):
+    for process, n in total.most_common(processes):
         lines.append(f"== {process}: {n} samples")
         lines.append("  self:")
         lines += [f"    {c:7d} {c / n:6.1%} {name}" for name, c in self_t[process].most_common(top)]
@@ -72,15 +75,19 @@ def summarize(raw: Path, top: int = 25) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_profile")
     p.add_argument("--preset", default=None)
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="questions (jsonl); needed unless --summarize")
     p.add_argument("--n", type=int, default=7370)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--summarize", type=Path, help="only summarise this py-spy raw file")
+    p.add_argument("--top", type=int, default=25, help="functions listed per process or thread")
+    p.add_argument("--processes", type=int, default=4, help="processes (or threads) listed, most samples first")
     args = p.parse_args(argv)
     if args.summarize:
-        print(summarize(args.summarize))  # noqa: T201 - the report
+        print(summarize(args.summarize, args.top, args.processes))  # noqa: T201 - the report
         return 0
+    if args.data is None:
+        p.error("--data is needed to run the workload")
     started = time.perf_counter()
     result = run(args)
     result["total_s"] = round(time.perf_counter() - started, 1)

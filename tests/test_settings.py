@@ -140,6 +140,7 @@ def test_multi_gpu_knobs_parse() -> None:
         ("VLLM_KV_CACHE_MEMORY_BYTES", "8 TB", "bytes as an integer or with a unit"),
         ("VLLM_COMPILATION_MODE", "fast", "none, stock_torch_compile, dynamo_trace_once, vllm_compile"),
         ("VLLM_CUDAGRAPH_MODE", "always", "none, piecewise, full, full_decode_only, full_and_piecewise"),
+        ("ENGINE_FRONTEND", "fast", "allowed: async, sync"),
         ("VLLM_CUDAGRAPH_CAPTURE_SIZES", "8,big", "comma-separated integers >= 1"),
         ("VLLM_CUDAGRAPH_CAPTURE_SIZES", "0,8", "comma-separated integers >= 1"),
     ],

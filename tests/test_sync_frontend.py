@@ -43,7 +43,10 @@ def test_sync_front_end_gives_the_async_answers(stepped: Service, service: Servi
     assert "MAX_MODEL_LEN" in body["errors"][0]["message"]
     assert http_json("POST", stepped.url + "/predict", {"prompt": SHORT}) == \
         http_json("POST", service.url + "/predict", {"prompt": SHORT})
-    assert "LLMEngine front end" in stepped.server.log()
+    log = stepped.server.log()
+    assert "LLMEngine front end" in log
+    # Both processes froze their start-up heap before serving (no full collection inside the first request).
+    assert "engine worker: " in log and "API process: " in log and "objects frozen" in log
     assert http_json("GET", stepped.url + "/info")[1]["settings"]["ENGINE_FRONTEND"] == "sync"
 
 
