@@ -183,17 +183,46 @@ def test_oversized_body_is_413(service: Service) -> None:
     assert "MAX_REQUEST_BYTES" in reply["detail"]
 
 
-def test_concurrent_singles_share_the_engine(service: Service) -> None:
-    qs = questions(128)
+def ask_singles(svc: Service, qs: list[str], clients: int) -> list[str]:
+    """Each question in a POST /predict of its own, from ``clients`` threads at once; every one answered."""
 
     def ask(q: str) -> str:
-        status, body = http_json("POST", service.url + "/predict", {"prompt": q})
+        status, body = http_json("POST", svc.url + "/predict", {"prompt": q})
         assert status == 200, body
         return body["response"]
 
-    with ThreadPoolExecutor(64) as pool:
+    with ThreadPoolExecutor(clients) as pool:
         answers = list(pool.map(ask, qs))
-    assert len(answers) == 128 and all(isinstance(a, str) for a in answers)
+    assert len(answers) == len(qs) and all(isinstance(a, str) for a in answers)
+    return answers
+
+
+def stop_during_batch(svc: Service, n: int) -> None:
+    """SIGTERM while n questions are in flight: all answered, exit 0 within 60 s, no process left, port free."""
+    proc = svc.server.proc
+    tree = descendants(proc.pid)
+    results: list[object] = []
+    batch = threading.Thread(
+        target=lambda: results.append(http_json("POST", svc.url + "/predict", {"prompt": questions(n)})),
+        daemon=True,
+    )
+    batch.start()
+    time.sleep(1.5)
+    started = time.monotonic()
+    proc.terminate()
+    proc.wait(60)
+    assert proc.returncode == 0, svc.server.log()[-3000:]
+    assert time.monotonic() - started < 60
+    leftover = [p for p in tree if alive(p)]
+    assert not leftover, f"processes outlived the server: {leftover}"
+    assert port_is_free(svc.port)
+    batch.join(30)
+    # The in-flight batch was allowed to finish (graceful shutdown), answered in full.
+    assert results and results[0][0] == 200 and len(results[0][1]["response"]) == n
+
+
+def test_concurrent_singles_share_the_engine(service: Service) -> None:
+    ask_singles(service, questions(128), 64)
     peak = metric(service, "qa_engine_running_sequences_peak")
     assert peak >= 16, f"the engine never ran more than {peak} sequences at once: requests were serialised"
 
@@ -242,28 +271,9 @@ def test_admin_token_guards_system_prompt(guarded: Service) -> None:
 
 
 def test_sigterm_during_batch_stops_the_whole_tree(guarded: Service) -> None:
-    proc = guarded.server.proc
-    tree = descendants(proc.pid)
+    tree = descendants(guarded.server.pid)
     assert any("VLLM" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace") for p in tree if alive(p))
-    results: list[object] = []
-    batch = threading.Thread(
-        target=lambda: results.append(http_json("POST", guarded.url + "/predict", {"prompt": questions(400)})),
-        daemon=True,
-    )
-    batch.start()
-    time.sleep(1.5)
-    started = time.monotonic()
-    proc.terminate()
-    proc.wait(60)
-    elapsed = time.monotonic() - started
-    assert proc.returncode == 0, guarded.server.log()[-3000:]
-    assert elapsed < 60
-    leftover = [p for p in tree if alive(p)]
-    assert not leftover, f"processes outlived the server: {leftover}"
-    assert port_is_free(guarded.port)
-    batch.join(30)
-    # The in-flight batch was allowed to finish (graceful shutdown), answered in full.
-    assert results and results[0][0] == 200 and len(results[0][1]["response"]) == 400
+    stop_during_batch(guarded, 400)
 
 
 def test_use_vllm_true_without_vllm_fails_clearly(tmp_path: Path, demo_model: Path) -> None:

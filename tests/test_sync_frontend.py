@@ -6,17 +6,15 @@ batch together within ``BATCH_CONCURRENCY``, and SIGTERM during a batch still st
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from bench.client import generated_tokens
-from tests.conftest import Service, alive, demo_env, descendants, http_json, port_is_free, start_service
-from tests.test_service import SHORT, metric, questions
+from tests.conftest import Service, demo_env, http_json, start_service
+from tests.test_service import SHORT, ask_singles, metric, questions, stop_during_batch
 
 LIMIT = 8  # BATCH_CONCURRENCY of the stepped service: the most questions in its engine at once
 
@@ -66,35 +64,11 @@ def test_sync_front_end_overrides_reach_the_engine(stepped: Service) -> None:
 
 
 def test_sync_front_end_batches_concurrent_requests_within_the_limit(stepped: Service) -> None:
-    qs = questions(96)
-
-    def ask(q: str) -> str:
-        status, body = http_json("POST", stepped.url + "/predict", {"prompt": q})
-        assert status == 200, body
-        return body["response"]
-
-    with ThreadPoolExecutor(32) as pool:
-        answers = list(pool.map(ask, qs))
-    assert len(answers) == 96 and all(isinstance(a, str) for a in answers)
+    ask_singles(stepped, questions(96), 32)
     time.sleep(0.6)  # the worker pushes its counters every 0.25 s
     peak = metric(stepped, "qa_engine_running_sequences_peak")
     assert 4 <= peak <= LIMIT, f"peak {peak}: requests were serialised (< 4) or BATCH_CONCURRENCY ignored (> {LIMIT})"
 
 
 def test_sync_front_end_sigterm_during_batch_stops_the_whole_tree(stepped: Service) -> None:
-    proc = stepped.server.proc
-    tree = descendants(proc.pid)
-    results: list[object] = []
-    batch = threading.Thread(
-        target=lambda: results.append(http_json("POST", stepped.url + "/predict", {"prompt": questions(200)})),
-        daemon=True,
-    )
-    batch.start()
-    time.sleep(1.5)
-    proc.terminate()
-    proc.wait(60)
-    assert proc.returncode == 0, stepped.server.log()[-3000:]
-    assert not [p for p in tree if alive(p)], "processes outlived the server"
-    assert port_is_free(stepped.port)
-    batch.join(30)
-    assert results and results[0][0] == 200 and len(results[0][1]["response"]) == 200
+    stop_during_batch(stepped, 200)
