@@ -274,6 +274,7 @@ class VllmEngine:
                                       token_ids=None if sp.detokenize else completion.token_ids)
         generated = time.perf_counter()
         done = [o for o in outcomes if o is not None]
+        assert len(done) == len(items), "every question gets its answer or its error, in its place"
         undecoded = [o for o in done if o.token_ids is not None]
         if undecoded:
             args = (self._tokenizer, [o.token_ids for o in undecoded])
@@ -315,13 +316,14 @@ class VllmEngine:
 
     async def _step_all(self, requests: list[tuple[int, Any, Any]]) -> list[Any]:
         """LLMEngine on the step thread: every question submitted at once; a final output or an error text."""
+        steps = self._steps  # shutdown may clear the attribute while this request waits
         ids = [f"q{next(self._ids)}" for _ in requests]
-        futures = self._steps.submit([(rid, prompt, sp) for rid, (_, prompt, sp) in zip(ids, requests, strict=True)])
+        futures = steps.submit([(rid, prompt, sp) for rid, (_, prompt, sp) in zip(ids, requests, strict=True)])
         self.stats.enter(len(futures))
         try:
             results = await asyncio.gather(*futures, return_exceptions=True)
         except asyncio.CancelledError:
-            self._steps.abort(ids)
+            steps.abort(ids)
             raise
         finally:
             self.stats.leave(len(futures))
