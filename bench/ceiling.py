@@ -2,8 +2,8 @@
 
 ``Ceiling`` builds ``LLM`` in this process with the service's engine arguments, chat-formatted prompts and
 per-question sampling parameters (``service.prompting.Planner``).  With ``ENGINE_WORKERS=N`` > 1 the fair
-offline counterpart of the service is N ``LLM`` engines sharing the device, each generating its contiguous
-share of the questions at the same time: ``ShardedCeiling`` runs N child processes
+offline counterpart of the service is N ``LLM`` engines sharing the device, each generating its share of the
+questions (dealt out as the service deals them, ``service.balance``) at the same time: ``ShardedCeiling`` runs N child processes
 (``python -m bench.ceiling FD``), started the way the service starts its workers (together when
 ``VLLM_KV_CACHE_MEMORY_BYTES`` is set, else one after another), and times the slowest share.
 """
@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from service.client import engine_environ
-from service.engine import engines_start_together, shard_spans
+from service.balance import plan_shards
+from service.engine import engines_start_together
+from service.prompting import Overrides
 
 log = logging.getLogger("bench")
 _ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +153,7 @@ class ShardedCeiling:
 
     def __init__(self, settings: Any, env: dict[str, str], log_stem: Path):
         started = time.perf_counter()
+        self.settings = settings
         child_env = engine_environ(env)  # the environment the service gives its engine workers
         self.children: list[_Child] = []
         together = engines_start_together(settings)  # as the service starts its workers
@@ -168,10 +171,11 @@ class ShardedCeiling:
         self.init_seconds = time.perf_counter() - started
 
     def run(self, questions: list[str], variant: str | None = None) -> Run:
-        busy = list(zip(self.children, shard_spans(len(questions), len(self.children)), strict=False))
-        started = time.perf_counter()
-        for child, (lo, hi) in busy:  # the same shards as the service's workers answer
-            child.send({"questions": questions[lo:hi], "variant": variant})
+        started = time.perf_counter()  # the plan is part of the round, as in the service
+        shards = plan_shards(questions, self.settings, Overrides(), len(self.children))
+        busy = list(zip(self.children, shards, strict=False))
+        for child, shard in busy:  # the same shards as the service's workers answer
+            child.send({"questions": [questions[i] for i in shard], "variant": variant})
         parts = [child.reply() for child, _ in busy]
         seconds = time.perf_counter() - started
         return Run(seconds, sum(p["questions"] for p in parts), sum(p["tokens"] for p in parts))

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 import msgspec
 
 from service import wire
-from service.engine import Engine, EngineDead, EngineStats, EngineUnavailable, engines_start_together, shard_spans
+from service.balance import merge_arrays, plan_shards
+from service.engine import Engine, EngineDead, EngineStats, EngineUnavailable, engines_start_together
 from service.prompting import Overrides
 from service.settings import Settings
 
@@ -314,8 +315,9 @@ class ShardedEngineClient:
     """Several ``ProcessEngineClient`` workers sharing the device (``ENGINE_WORKERS`` > 1).
 
     Each worker runs its own engine, so the engines' schedulers (single Python threads) run on separate
-    cores.  A request's questions are split into contiguous, balanced shards, one per worker, answered
-    concurrently and merged in order; a single question goes to the worker with the fewest in flight.
+    cores.  A request's questions are dealt out so that every worker has the same predicted work
+    (``service.balance``), answered concurrently and put back in order; a single question goes to the
+    worker with the fewest calls in flight.
     """
 
     def __init__(self, workers: list[ProcessEngineClient]):
@@ -383,18 +385,17 @@ class ShardedEngineClient:
         if len(questions) == 1:
             worker = min(self.workers, key=lambda w: w.pending())
             return await worker.answer(questions, overrides)
-        shards = [(lo, questions[lo:hi]) for lo, hi in shard_spans(len(questions), len(self.workers))]
-        parts = await asyncio.gather(*(w.answer(qs, overrides) for w, (_, qs) in zip(self.workers, shards,
-                                                                                           strict=False)))
+        shards = plan_shards(questions, self.workers[0].settings, overrides, len(self.workers))
+        parts = await asyncio.gather(*(w.answer([questions[i] for i in shard], overrides)
+                                       for w, shard in zip(self.workers, shards, strict=False)))
         errors: list[tuple[int, str]] = []
         by_route: dict[str, int] = {}
-        for (offset, _), part in zip(shards, parts, strict=True):
-            errors.extend((offset + index, message) for index, message in part.errors)
+        for shard, part in zip(shards, parts, strict=True):
+            errors.extend((shard[index], message) for index, message in part.errors)
             for route, count in part.tokens_by_route.items():
                 by_route[route] = by_route.get(route, 0) + count
-        merged = wire.Answers(wire.join_arrays([p.texts_json for p in parts]), errors,
-                              sum(p.tokens for p in parts), by_route)
-        return merged
+        texts = merge_arrays(shards, [p.texts_json for p in parts], len(questions))
+        return wire.Answers(texts, sorted(errors), sum(p.tokens for p in parts), by_route)
 
     async def set_system_prompt(self, text: str) -> None:
         await asyncio.gather(*(w.set_system_prompt(text) for w in self.workers))

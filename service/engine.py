@@ -102,12 +102,6 @@ def timing_level(questions: int) -> int:
     return logging.INFO if questions >= 64 else logging.DEBUG
 
 
-def shard_spans(count: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous, balanced ``[lo, hi)`` spans of ``count`` questions over ``parts`` engines (none empty)."""
-    bounds = [count * i // parts for i in range(parts + 1)]
-    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
-
-
 def engines_start_together(settings: Settings) -> bool:
     """Whether several engines on one device may start at once.
 

@@ -20,8 +20,8 @@ class Answers(Struct):
     """One request's result: answers in order, per-item errors, generated tokens (total and by route).
 
     The answers travel as one JSON array (``texts_json``), encoded by the engine worker that made them.
-    With several workers each encodes its own share at the same time, and the API process only splices
-    the arrays into the response (``join_arrays``) instead of decoding and re-encoding every answer.
+    With several workers each encodes its own share at the same time, and the API process only puts the
+    items back in order (``service.balance.merge_arrays``) instead of decoding and re-encoding every answer.
     """
 
     texts_json: bytes
@@ -36,11 +36,6 @@ class Answers(Struct):
 
     def texts(self) -> list[str]:
         return msgspec.json.decode(self.texts_json, type=list[str])
-
-
-def join_arrays(arrays: list[bytes]) -> bytes:
-    """Concatenate JSON arrays (``[a,b]`` + ``[]`` + ``[c]`` -> ``[a,b,c]``) without decoding them."""
-    return b"[" + b",".join(a[1:-1] for a in arrays if len(a) > 2) + b"]"
 
 
 # API -> worker

@@ -1,4 +1,4 @@
-"""Answers cross from the engine workers as JSON arrays; the API splices them. Prompts are encoded in one batch."""
+"""Answers cross from the engine workers as JSON arrays; the API puts them back in order. Prompts are encoded in one batch."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from service import wire
+from service.balance import merge_arrays
 from service.schemas import PredictResponse
 from service.vllm_engine import encode_prompts
 
@@ -22,10 +23,17 @@ def test_answers_keep_every_text_through_the_wire() -> None:
     assert back.answers.errors == [(4, "too long")] and back.answers.tokens_by_route == {"short": 12}
 
 
-@pytest.mark.parametrize("shards", [[TRICKY[:3], TRICKY[3:]], [[], TRICKY, []], [[], []], [TRICKY[:1]] * 3])
-def test_joined_arrays_are_the_concatenated_lists(shards: list[list[str]]) -> None:
-    joined = wire.join_arrays([wire.Answers.of(s, [], 0, {}).texts_json for s in shards])
-    assert json.loads(joined) == [text for shard in shards for text in shard]
+@pytest.mark.parametrize("shards", [[[0, 2, 4, 6], [1, 3, 5]], [[6, 5, 4, 3, 2, 1, 0]], [[3], [0, 1], [6, 2, 5, 4]]])
+def test_merged_arrays_put_every_answer_back_in_its_place(shards: list[list[int]]) -> None:
+    arrays = [wire.Answers.of([TRICKY[i] for i in shard], [], 0, {}).texts_json for shard in shards]
+    assert json.loads(merge_arrays(shards, arrays, len(TRICKY))) == TRICKY
+
+
+def test_a_shard_that_comes_back_short_or_a_question_in_no_shard_is_an_error() -> None:
+    with pytest.raises(ValueError, match="came back with 1 answers"):
+        merge_arrays([[0, 1]], [wire.Answers.of(["a"], [], 0, {}).texts_json], 2)
+    with pytest.raises(ValueError, match="in no shard"):
+        merge_arrays([[0]], [wire.Answers.of(["a"], [], 0, {}).texts_json], 2)
 
 
 def test_the_response_embeds_the_encoded_answers_as_json() -> None:
