@@ -6,7 +6,7 @@
 2. pick and report the interpreter (the project's ``.venv`` when it exists and nothing else is active);
 3. check that the port is free, naming the process that holds it (before any slow step);
 4. install ``requirements/cpu.txt`` or ``requirements/gpu.txt`` with that interpreter (skippable);
-5. download the model (skippable);
+5. download the model (skippable), then derive the ``auto`` engine layout (``env.layout``) and print it;
 6. run ``python -m service.preflight`` with that interpreter (settings valid, engine imports);
 7. ``os.execvpe`` uvicorn with that same interpreter, the layered environment and cwd = project root,
    so the server keeps the launcher's PID and receives its signals directly.
@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from env import layout_lines, resolve_layout
 from env.layering import DEFAULTS, PROJECT_ROOT, SECRETS, PresetError, Value, layer, render_explain, render_export
 
 EXIT_DOWNLOAD = 1
@@ -487,6 +488,10 @@ def run(options: RunOptions, environ: Mapping[str, str] | None = None) -> None:
     else:
         download_with(python, env)
 
+    values = resolve_layout(values)  # after the download: the layout reads the model's config.json
+    for line in layout_lines(values):
+        log.info("layout: %s", line)
+    env.update({key: item.value for key, item in values.items() if item.source == "auto"})
     preflight(python, env)
     check_port(host, port)  # the slow steps may have taken minutes
     argv = [python.executable, "-m", SERVICE_MODULE, "--host", host, "--port", str(port),
@@ -531,7 +536,7 @@ def show_env(preset: str, force: bool, export: bool, explain: bool, show_secrets
              environ: Mapping[str, str] | None = None) -> str:
     """``inv env``: the text for stdout (export lines, the explanation, or ``KEY=value`` lines)."""
     environ = dict(os.environ if environ is None else environ)
-    values = layered(environ, preset, force)
+    values = resolve_layout(layered(environ, preset, force))
     env_log = logging.getLogger("env")
     hidden = [k for k in sorted(SECRETS) if k in values and values[k].value and not show_secrets]
     if export:

@@ -4,10 +4,13 @@ Order (lowest first): ``defaults.env`` < the named preset < the shell.  With ``f
 drops below the presets, except for secrets that the shell already sets (they are kept).
 ``${VAR}`` references in preset values resolve against the final layered values, so an exported
 ``MODEL_ID`` moves ``MODEL_DIR=./model/${MODEL_ID}`` with it.  Single-quoted preset values are literal.
+``layer()`` is pure; ``resolve_layout()`` then replaces the engine layout's ``auto`` values with the ones
+derived for this host and model (``env.layout``), with source ``auto`` and a reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from collections.abc import Mapping
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dotenv.parser import parse_stream
+
+from env.layout import AUTO, LAYOUT_KEYS, Hardware, ModelShape, derive, probe_hardware, read_model_shape
 
 PRESET_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PRESET_DIR.parent
@@ -34,8 +39,9 @@ class Value:
 
     key: str
     value: str
-    source: str  # "shell", "defaults.env" or "<name>.env"
+    source: str  # "shell", "defaults.env", "<name>.env" or "auto" (derived by env.layout)
     shadowed: str | None = None  # the preset's value when the shell's differs from it
+    reason: str | None = None  # why an ``auto`` value was derived as it was
 
 
 def preset_names() -> list[str]:
@@ -155,11 +161,35 @@ def render_explain(values: Mapping[str, Value], show_secrets: bool = False) -> s
         masked = key in SECRETS and not show_secrets
         shown = "***" if masked and item.value else item.value
         line = f"{key:<{width}}  {shown!r:<40}  from {item.source}"
+        if item.reason is not None:
+            line += f" ({item.reason})"
         if item.shadowed is not None:
             hidden = "***" if masked and item.shadowed else repr(item.shadowed)
             line += f"  (shadows preset value {hidden}: the shell overrides it; `--force` restores it)"
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def with_layout(values: Mapping[str, Value], hardware: Hardware, shape: ModelShape | None) -> dict[str, Value]:
+    """``values`` with every ``auto`` layout value replaced by its derived value (source ``auto``, a reason)."""
+    derived = derive({key: item.value for key, item in values.items()}, hardware, shape)
+    return {key: dataclasses.replace(item, value=derived[key][0], source="auto", reason=derived[key][1])
+            if key in derived else item for key, item in values.items()}
+
+
+def resolve_layout(values: Mapping[str, Value]) -> dict[str, Value]:
+    """``with_layout`` for this host and the model in the layered MODEL_DIR (probes only when a value is auto)."""
+    if not any(values[key].value.strip() == AUTO for key in LAYOUT_KEYS if key in values):
+        return dict(values)
+    model_dir = values["MODEL_DIR"].value.strip() if "MODEL_DIR" in values else ""
+    shape = read_model_shape(resolve_path(model_dir)) if model_dir else None
+    return with_layout(values, probe_hardware(), shape)
+
+
+def layout_lines(values: Mapping[str, Value]) -> list[str]:
+    """``KEY=value (auto: reason)`` for each derived value, or one line when every layout key was set."""
+    return [f"{key}={item.value} (auto: {item.reason})" for key, item in values.items()
+            if item.source == "auto"] or ["no auto values"]
 
 
 def resolve_path(value: str) -> Path:

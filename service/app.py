@@ -216,6 +216,7 @@ def create_app(settings: Settings, engine: EngineClient) -> Litestar:
             "engine_init_s": engine.init_seconds,
             "chat_format": engine.chat_format,
             "settings": settings.public(),
+            "layout": settings.layout_info(),
         })
 
     @get("/system_prompt", sync_to_thread=False)

@@ -36,7 +36,8 @@ def create_app_from_env() -> Litestar:
         log.error("%s", exc)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
-    engine = engine_client(settings, os.environ)
+    # The workers get the layout as resolved here, so that no worker derives its own (env/layout.py).
+    engine = engine_client(settings, {**os.environ, **{key: value for key, value, _ in settings.layout}})
     engine.spawn()  # the worker imports the engine while this process imports the web stack
     from service.app import create_app
 

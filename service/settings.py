@@ -3,8 +3,9 @@
 This is the only module of the service that reads the process environment (``Settings.from_environ``).
 Defaults are not written here: a variable missing from the environment takes its value from
 ``env/defaults.env`` (the single source), so the service started by hand and the service started by
-``inv run`` agree.  Every invalid value is reported at once, naming the variable, the value and what is
-allowed; nothing is silently replaced.
+``inv run`` agree.  Layout variables set to ``auto`` are derived here from the hardware and the model
+(``env.resolve_layout``), with the reason kept in ``Settings.layout`` for GET /info.  Every invalid value
+is reported at once, naming the variable, the value and what is allowed; nothing is silently replaced.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from env import SECRETS, layer, resolve_path
+from env import SECRETS, layer, resolve_layout, resolve_path
 
 log = logging.getLogger("service")
 
@@ -282,14 +283,20 @@ class Settings:
     warmup_repeat: int = var(_int(0, 100), "Passes over the warmup questions.")
     # process
     omp_num_threads: int = var(_int(1, 4096), "OpenMP threads (CPU engine and torch).")
+    # not a variable: (KEY, value, reason) of each layout value derived from `auto` (env/layout.py)
+    layout: tuple[tuple[str, str, str], ...] = ()
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
-        """Parse every field from ``environ``, taking missing variables from env/defaults.env."""
-        values = {key: item.value for key, item in layer(environ).items()}
+        """Parse every field from ``environ``, taking missing variables from env/defaults.env.
+
+        Layout variables that are ``auto`` are derived for this host and the model in MODEL_DIR.
+        """
+        layered = resolve_layout(layer(environ))
+        values = {key: item.value for key, item in layered.items()}
         problems: list[str] = []
         parsed: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
+        for f in variables():
             name = f.name.upper()
             if name not in values:
                 problems.append(f"{name} is missing from env/defaults.env (a bug: every setting needs a default)")
@@ -308,7 +315,8 @@ class Settings:
         if clamped != parsed["output_max_sentences"]:
             log.warning("OUTPUT_MAX_SENTENCES=%s clamped to %s (allowed 1..12)", parsed["output_max_sentences"], clamped)
             parsed["output_max_sentences"] = clamped
-        return cls(**parsed)
+        layout = tuple((key, item.value, item.reason or "") for key, item in layered.items() if item.source == "auto")
+        return cls(**parsed, layout=layout)
 
     @property
     def backend(self) -> str:
@@ -327,7 +335,7 @@ class Settings:
     def public(self) -> dict[str, Any]:
         """The effective values for GET /info, secrets masked."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
+        for f in variables():
             value = getattr(self, f.name)
             if f.metadata["secret"]:
                 value = "***" if value else ""
@@ -337,6 +345,10 @@ class Settings:
                 value = list(value)
             out[f.name.upper()] = value
         return out
+
+    def layout_info(self) -> dict[str, dict[str, str]]:
+        """The derived layout values for GET /info: ``{KEY: {"value", "source": "auto", "reason"}}``."""
+        return {key: {"value": value, "source": "auto", "reason": reason} for key, value, reason in self.layout}
 
 
 def _cross_checks(p: Mapping[str, Any]) -> list[str]:
@@ -367,9 +379,14 @@ def _cross_checks(p: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def variables() -> list[dataclasses.Field[Any]]:
+    """The fields of Settings read from a variable (``layout`` is derived, not read)."""
+    return [f for f in dataclasses.fields(Settings) if "parse" in f.metadata]
+
+
 def describe() -> list[tuple[str, str]]:
     """(variable, documentation) for every setting, for docs and `inv env`."""
-    return [(f.name.upper(), f.metadata["doc"]) for f in dataclasses.fields(Settings)]
+    return [(f.name.upper(), f.metadata["doc"]) for f in variables()]
 
 
-__all__ = ["SECRETS", "Settings", "SettingsError", "describe"]
+__all__ = ["SECRETS", "Settings", "SettingsError", "describe", "variables"]

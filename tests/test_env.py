@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from env import SECRETS, layer
+from env import SECRETS, layer, resolve_layout
 from tests.conftest import ROOT
 
 TOKEN = "ms-token-7f3c1e-never-print-me"
@@ -96,7 +96,8 @@ def test_secret_survives_force_and_is_never_printed():
 
 
 def _expected(env: dict[str, str], preset: str = "defaults") -> dict[str, str]:
-    return {k: v.value for k, v in layer(env, preset).items() if k not in SECRETS}
+    """What `inv env --export` exports: the layered values with the `auto` layout resolved for this host."""
+    return {k: v.value for k, v in resolve_layout(layer(env, preset)).items() if k not in SECRETS}
 
 
 def test_export_round_trips_through_bash_eval_and_source(tmp_path):

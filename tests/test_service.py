@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from env import probe_hardware
 from tests.conftest import (
     SHARED_DATA,
     Service,
@@ -235,6 +236,10 @@ def test_info_masks_secrets_and_shows_settings(service: Service) -> None:
     assert info["settings"]["MAX_MODEL_LEN"] == 1024
     assert info["chat_format"] == "fast"
     assert info["settings"]["MODELSCOPE_API_TOKEN"] in ("", "***")
+    workers = info["layout"]["ENGINE_WORKERS"]  # demo.env leaves the engine layout to `auto`
+    assert workers["source"] == "auto" and workers["reason"]
+    if probe_hardware().gpus == 0:
+        assert workers == {"value": "1", "source": "auto", "reason": "no NVIDIA GPU: the engine's defaults"}
 
 
 def test_system_prompt_round_trip_from_loopback(service: Service) -> None:

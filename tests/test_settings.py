@@ -5,15 +5,15 @@ Fast unit tests: ``Settings.from_environ`` gets an explicit mapping, never the t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from env import PROJECT_ROOT, layer, preset_names, read_preset
-from service.settings import Settings, SettingsError, describe
+from env import PROJECT_ROOT, layer, preset_names, probe_hardware, read_preset
+from service.settings import Settings, SettingsError, describe, variables
 
 # Variables of env/defaults.env that the launcher and the downloader read, not the service.  A new
 # variable there must either become a Settings field or be added here with its reader.
@@ -24,7 +24,16 @@ LAUNCHER_ONLY = {
     "INSTALL_TARGET",  # inv run / nox: cpu or gpu requirements
     "MODELSCOPE_ENDPOINT",  # downloader: hub endpoint
 }
-FIELDS = {f.name.upper() for f in dataclasses.fields(Settings)}
+FIELDS = {f.name.upper() for f in variables()}
+
+
+@pytest.fixture(autouse=True)
+def no_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No ``nvidia-smi`` on PATH: the `auto` layout is the same on every host (tests/test_layout.py has GPUs)."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    probe_hardware.cache_clear()
+    yield
+    probe_hardware.cache_clear()
 
 
 def values_of(preset: str, **exported: str) -> dict[str, str]:
@@ -275,7 +284,7 @@ def test_qwen3_4b_preset_values() -> None:
     assert s.max_model_len == 8192
     assert s.max_new_tokens == 512
     assert s.disable_token_routing is True
-    assert s.vllm_max_num_seqs is None
+    assert s.vllm_max_num_seqs == 1024  # auto without a GPU (a GPU: one engine of 2048, env/layout.py)
     assert (s.warmup_num_samples, s.warmup_repeat) == (7000, 1)
     # Everything else stays at the evaluation defaults.
     defaults = Settings.from_environ({})
