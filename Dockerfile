@@ -8,7 +8,7 @@
 #   docker build -t qa-serve .
 #   docker build --secret id=modelscope_token,env=MODELSCOPE_API_TOKEN -t qa-serve .   # a private model
 #   docker run --gpus all -p 8000:8000 qa-serve
-FROM vllm/vllm-openai:v0.32.0
+FROM vllm/vllm-openai:v0.26.0
 
 WORKDIR /app
 

@@ -110,6 +110,13 @@ def test_base_image_is_a_pinned_vllm_image():
     assert name == "vllm/vllm-openai" and tag and tag != "latest"
 
 
+def test_the_image_and_the_gpu_requirements_pin_one_vllm_version():
+    images = [rest.split()[0] for word, rest in instructions(dockerfile()) if word == "FROM"]
+    pins = [line.split("==", 1)[1].strip() for line in (DOCKERFILE.parent / "requirements" / "gpu.txt").read_text().splitlines()
+            if line.startswith("vllm==")]
+    assert pins and images[0].partition(":")[2] == f"v{pins[0]}", (images, pins)
+
+
 def test_build_installs_gpu_requirements_and_bakes_the_model():
     runs = " ".join(rest for word, rest in instructions(dockerfile()) if word == "RUN")
     assert "-r requirements/gpu.txt" in runs
