@@ -117,6 +117,31 @@ def bench(c: Context, url: str = "", preset: str = "", data: str = "", n: int = 
     raise Exit(code=run_tool("bench.bench", argv))
 
 
+@task(iterable=["candidate", "set_"], help={
+    "preset": "preset under every candidate (e.g. demo); default: defaults only",
+    "data": "question file (jsonl, json or docx); default ../shared/data/pmpp_qa.jsonl",
+    "n": "number of questions (default: all)",
+    "offset": "index of the first question",
+    "rounds": "rounds of every question in one POST /predict per candidate; the median is compared (default 2)",
+    "sample": "the first N questions are answered alone and compared with auto's answers (default 32; 0: none)",
+    "budget": "seconds for the whole search: candidates whose estimated cost does not fit are skipped (default 600)",
+    "candidate": "'NAME KEY=VALUE ...': a layout to measure (repeatable); replaces the default set, auto runs first",
+    "set_": "KEY=VALUE for every candidate, the baseline included (repeatable)",
+    "name": "preset to write: env/NAME.env (default tuned), for `inv run --preset NAME`",
+    "output": "write the preset to this path instead of env/NAME.env",
+    "strict": "a candidate whose sample answers differ from auto's cannot win",
+    "json": "print the report as JSON",
+})
+def tune(c: Context, preset: str = "", data: str = "", n: int = 0, offset: int = 0, rounds: int = 2,
+         sample: int = 32, budget: int = 600, candidate: list[str] | None = None, set_: list[str] | None = None,
+         name: str = "tuned", output: str = "", strict: bool = False, json: bool = False) -> None:
+    """Measure engine layouts (auto and candidates) on this machine and write the fastest as a preset."""
+    setup_logging()
+    argv = _flags(preset=preset, data=data, n=n, offset=offset, rounds=rounds, sample=str(sample), budget=budget,
+                  candidate=candidate or [], set=set_ or [], name=name, output=output, strict=strict, json=json)
+    raise Exit(code=run_tool("bench.tune", argv))
+
+
 @task(name="eval", help={
     "url": "the running service (default http://127.0.0.1:8000)",
     "data": "question/reference file: jsonl (messages format) or .docx (问题：/答案： paragraphs); "
@@ -135,4 +160,4 @@ def evaluate(c: Context, url: str = "http://127.0.0.1:8000", data: str = "", n: 
     raise Exit(code=run_tool("bench.evaluate", argv))
 
 
-ns = Collection(run, env, download, bench, evaluate)
+ns = Collection(run, env, download, bench, tune, evaluate)
