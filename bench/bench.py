@@ -4,7 +4,7 @@ A client of the service: it starts the service as a subprocess (``python -m serv
 or targets ``--url``, and sends the evaluation harness's request (every question in one
 ``POST /predict``).  ``--ceiling`` also builds vLLM's offline ``LLM`` in this process with the same
 engine arguments, the same chat-formatted prompts and the same per-question sampling parameters
-(``service.prompting.Planner``), and times one ``LLM.generate`` call.  Runs alternate
+(``service.pipeline.prompting.Planner``), and times one ``LLM.generate`` call.  Runs alternate
 (service, ceiling, service, ...) and each figure is reported as median and spread.
 ``--concurrency C`` sends single-question requests from C clients instead and compares them with the
 same questions in one request.
@@ -138,7 +138,7 @@ import sys
 from vllm import LLM
 from bench.bench import service_env
 from service.settings import Settings
-from service.vllm_engine import engine_args
+from service.backends.vllm_engine import engine_args
 llm = LLM(**engine_args(Settings.from_environ(service_env(sys.argv[1] or None, sys.argv[2:]))))
 print("ENGINE-READY", flush=True)
 llm.llm_engine.engine_core.shutdown()

@@ -1,9 +1,9 @@
 """The engine's own ceiling for ``inv bench --ceiling``: vLLM's offline ``LLM.generate``.
 
 ``Ceiling`` builds ``LLM`` in this process with the service's engine arguments, chat-formatted prompts and
-per-question sampling parameters (``service.prompting.Planner``).  With ``ENGINE_WORKERS=N`` > 1 the fair
+per-question sampling parameters (``service.pipeline.prompting.Planner``).  With ``ENGINE_WORKERS=N`` > 1 the fair
 offline counterpart of the service is N ``LLM`` engines sharing the device, each generating its share of the
-questions (dealt out as the service deals them, ``service.balance``) at the same time: ``ShardedCeiling`` runs N child processes
+questions (dealt out as the service deals them, ``service.pipeline.balance``) at the same time: ``ShardedCeiling`` runs N child processes
 (``python -m bench.ceiling FD``), started the way the service starts its workers (together when
 ``VLLM_KV_CACHE_MEMORY_BYTES`` is set, else one after another), and times the slowest share.
 """
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from service.client import engine_environ
-from service.balance import plan_shards
-from service.engine import engines_start_together
-from service.prompting import Overrides
+from service.backends.base import engines_start_together
+from service.pipeline.balance import plan_shards
+from service.pipeline.prompting import Overrides
+from service.pool.client import engine_environ
 
 log = logging.getLogger("bench")
 _ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +51,9 @@ class Ceiling:
         started = time.perf_counter()  # the import is part of the engine's own start-up, as in the service
         from vllm import LLM
 
-        from service.procs import freeze_heap
-        from service.prompting import Formatter, Planner
-        from service.vllm_engine import engine_args, stop_token_ids
+        from service.backends.vllm_engine import engine_args, stop_token_ids
+        from service.pipeline.prompting import Formatter, Planner
+        from service.pool.procs import freeze_heap
 
         self.llm = LLM(**engine_args(settings))
         freeze_heap("ceiling")  # as the service's engine workers do once their engine is up
@@ -75,7 +75,7 @@ class Ceiling:
         """One ``LLM.generate`` of every question; ``variant`` changes one thing (for the breakdown)."""
         from vllm import SamplingParams
 
-        from service.vllm_engine import decode_answers, encode_prompts
+        from service.backends.vllm_engine import decode_answers, encode_prompts
 
         started = time.perf_counter()
         plans = self.planner.plan(questions)

@@ -11,8 +11,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from service.client import engine_client
-from service.engine import EngineUnavailable
+from service.backends.base import EngineUnavailable
+from service.pool.sharded import engine_client
 from service.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def create_app_from_env() -> Litestar:
     # The workers get the layout as resolved here, so that no worker derives its own (env/layout.py).
     engine = engine_client(settings, {**os.environ, **{key: value for key, value, _ in settings.layout}})
     engine.spawn()  # the worker imports the engine while this process imports the web stack
-    from service.app import create_app
+    from service.http.app import create_app
 
     try:
         engine.check()  # the worker imports the backend: a broken one is a clear error, not a crash later

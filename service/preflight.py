@@ -10,7 +10,8 @@ import logging
 import os
 import sys
 
-from service.engine import EngineUnavailable, build_engine
+from service.backends import build_engine
+from service.backends.base import EngineUnavailable
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("run")

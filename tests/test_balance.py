@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service.balance import deal, plan_shards, predicted_work
-from service.prompting import Overrides, Router, budget
+from service.pipeline.balance import deal, plan_shards, predicted_work
+from service.pipeline.prompting import Overrides, Router, budget
 from service.settings import Settings
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pmpp_qa.jsonl"

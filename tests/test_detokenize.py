@@ -14,8 +14,8 @@ import json, os, sys
 from vllm import SamplingParams
 from bench.ceiling import Ceiling
 from service.settings import Settings
-from service.prompting import Formatter, Planner
-from service.vllm_engine import decode_answers, stop_token_ids
+from service.pipeline.prompting import Formatter, Planner
+from service.backends.vllm_engine import decode_answers, stop_token_ids
 
 settings = Settings.from_environ(os.environ)
 ceiling = Ceiling(settings)  # the benchmark's offline engine: LLM with the service's engine arguments
@@ -73,7 +73,7 @@ def test_an_ordinary_stop_string_keeps_streamed_decoding(demo_model: Path) -> No
     """A blank-line stop needs the text while generating: decoding at the end is then not used."""
     from transformers import AutoTokenizer
 
-    from service.prompting import Formatter, Planner
+    from service.pipeline.prompting import Formatter, Planner
     from service.settings import Settings
 
     tok = AutoTokenizer.from_pretrained(demo_model)
@@ -92,7 +92,7 @@ def test_a_character_cut_off_by_the_budget_is_held_back_as_vllm_does(demo_model:
     from tokenizers.decoders import DecodeStream
     from transformers import AutoTokenizer
 
-    from service.vllm_engine import decode_answers
+    from service.backends.vllm_engine import decode_answers
 
     tok = AutoTokenizer.from_pretrained(demo_model)
     ids = tok("共享内存的𝄞 abc 😀", add_special_tokens=False)["input_ids"]

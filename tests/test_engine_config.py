@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from service.engine import EngineUnavailable
+from service.backends.base import EngineUnavailable
+from service.backends.vllm_engine import engine_args, speculative_config, stop_token_ids
+from service.pipeline.warmup import load_questions
 from service.settings import Settings
-from service.vllm_engine import engine_args, speculative_config, stop_token_ids
-from service.warmup import load_questions
 
 
 def settings(**env: str) -> Settings:

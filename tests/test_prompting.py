@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.prompting import (
+from service.pipeline.prompting import (
     Formatter,
     Overrides,
     Planner,

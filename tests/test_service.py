@@ -367,7 +367,7 @@ def test_two_engine_workers_split_a_request_and_keep_its_order(
     try:
         svc.wait_ready()
         tree = descendants(svc.server.pid)
-        workers = [p for p in tree if b"service.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        workers = [p for p in tree if b"service.pool.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(workers) == 2
         status, body = http_json("POST", svc.url + "/predict", {"prompt": qs})
         assert status == 200, body

@@ -8,10 +8,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from service import wire
-from service.balance import merge_arrays
-from service.schemas import PredictResponse
-from service.vllm_engine import encode_prompts
+from service.backends.vllm_engine import encode_prompts
+from service.http.schemas import PredictResponse
+from service.pipeline.balance import merge_arrays
+from service.pool import wire
 
 TRICKY = ['引号"和\\反斜杠', "换行\n与制表\t", "\x00\x1f控制", "emoji 🚀 \ud7ff", "", "[],{}", "\ufffd残缺"]
 

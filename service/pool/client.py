@@ -1,13 +1,10 @@
 """What the app talks to: an ``EngineClient`` that answers questions (like vLLM's ``EngineClient``).
 
-Two implementations:
-
-- ``LocalEngineClient``: the engine (vLLM or transformers) and the answering pipeline in this process.
-- ``ProcessEngineClient``: the same ``LocalEngineClient`` hosted in a worker process
-  (``python -m service.worker``), reached over a socket pair with msgpack frames.  This is what the
-  server uses: the API process then imports neither vLLM nor torch (about 80 MB instead of 600 MB)
-  and a crashing engine cannot take the HTTP side down with it.  The engine's own processes are
-  children of the worker; shutdown stops the worker and every descendant.
+``ProcessEngineClient`` is the API process's side of one engine worker (``python -m service.pool.worker``,
+which hosts the engine and the answering pipeline in a ``LocalEngineClient``), reached over a socket pair
+with msgpack frames.  The API process then imports neither vLLM nor torch (about 80 MB instead of 600 MB)
+and a crashing engine cannot take the HTTP side down with it.  The engine's own processes are children of
+the worker; shutdown stops the worker and every descendant.  Several workers: ``service.pool.sharded``.
 """
 
 from __future__ import annotations
@@ -25,10 +22,9 @@ from typing import Any, Protocol
 
 import msgspec
 
-from service import wire
-from service.balance import merge_arrays, plan_shards
-from service.engine import Engine, EngineDead, EngineStats, EngineUnavailable, engines_start_together
-from service.prompting import Overrides
+from service.backends.base import EngineDead, EngineStats, EngineUnavailable
+from service.pipeline.prompting import Overrides
+from service.pool import wire
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -63,68 +59,6 @@ class EngineClient(Protocol):
         """Stop the engine and every process it started."""
 
 
-class LocalEngineClient:
-    """An ``Engine`` plus the answering pipeline (``service.answer.Answerer``) in this process."""
-
-    def __init__(self, settings: Settings, engine: Engine):
-        self.settings = settings
-        self.engine = engine
-        self.answerer: Any = None
-        self.chat_format: str | None = None
-        self.system_prompt = ""
-
-    @property
-    def name(self) -> str:
-        return self.engine.name
-
-    @property
-    def notice(self) -> str | None:
-        return self.engine.notice
-
-    @property
-    def stats(self) -> EngineStats:
-        return self.engine.stats
-
-    @property
-    def init_seconds(self) -> float | None:
-        return self.engine.init_seconds
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    def check(self) -> None:
-        self.engine.check()
-
-    async def start(self) -> None:
-        from service.answer import Answerer
-
-        await self.engine.start()
-        self.answerer = Answerer(self.settings, self.engine, self.settings.load_system_prompt())
-        self._describe()
-
-    def _describe(self) -> None:
-        self.system_prompt = self.answerer.system_prompt
-        self.chat_format = "fast" if self.answerer.planner.formatter.fast else "template"
-
-    def alive(self) -> str | None:
-        return self.engine.alive()
-
-    async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
-        if self.answerer is None:
-            raise EngineDead("the engine is not started")
-        return await self.answerer.answer(questions, overrides)
-
-    async def set_system_prompt(self, text: str) -> None:
-        if self.answerer is None:
-            raise EngineDead("not ready: the system prompt can be replaced once the engine is up")
-        self.answerer.set_system_prompt(text)
-        self._describe()
-
-    async def shutdown(self) -> None:
-        await self.engine.shutdown()
-
-
 class ProcessEngineClient:
     """A ``LocalEngineClient`` in a worker process, driven over a socket pair."""
 
@@ -157,7 +91,7 @@ class ProcessEngineClient:
             return
         parent, child = socket.socketpair()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "service.worker", str(child.fileno())],
+            [sys.executable, "-m", "service.pool.worker", str(child.fileno())],
             pass_fds=(child.fileno(),), env=self.environ, close_fds=True,
         )
         child.close()
@@ -259,7 +193,7 @@ class ProcessEngineClient:
 
     async def shutdown(self) -> None:
         await self.stop_worker()
-        from service.procs import reap_children
+        from service.pool.procs import reap_children
 
         await asyncio.to_thread(reap_children)
 
@@ -309,107 +243,3 @@ def _root() -> str:
     from env import PROJECT_ROOT
 
     return str(PROJECT_ROOT)
-
-
-class ShardedEngineClient:
-    """Several ``ProcessEngineClient`` workers sharing the device (``ENGINE_WORKERS`` > 1).
-
-    Each worker runs its own engine, so the engines' schedulers (single Python threads) run on separate
-    cores.  A request's questions are dealt out so that every worker has the same predicted work
-    (``service.balance``), answered concurrently and put back in order; a single question goes to the
-    worker with the fewest calls in flight.
-    """
-
-    def __init__(self, workers: list[ProcessEngineClient]):
-        self.workers = workers
-        self.notice: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.workers[0].name
-
-    @property
-    def init_seconds(self) -> float | None:
-        times = [w.init_seconds for w in self.workers if w.init_seconds is not None]
-        return max(times) if times else None
-
-    @property
-    def max_model_len(self) -> int:
-        return min(w.max_model_len for w in self.workers)
-
-    @property
-    def chat_format(self) -> str | None:
-        return self.workers[0].chat_format
-
-    @property
-    def system_prompt(self) -> str:
-        return self.workers[0].system_prompt
-
-    @property
-    def stats(self) -> EngineStats:
-        total = EngineStats()
-        for w in self.workers:
-            s = w.stats
-            total.in_flight += s.in_flight
-            total.peak_in_flight += s.peak_in_flight
-            total.running += s.running
-            total.peak_running += s.peak_running
-            total.waiting += s.waiting
-            total.has_scheduler = total.has_scheduler or s.has_scheduler
-        return total
-
-    def spawn(self) -> None:
-        for w in self.workers:
-            w.spawn()
-
-    def check(self) -> None:
-        self.spawn()
-        for w in self.workers:
-            w.check()
-        self.notice = self.workers[0].notice
-
-    async def start(self) -> None:
-        """Start the engines: all at once with a fixed KV-cache size, else one after another."""
-        if engines_start_together(self.workers[0].settings):
-            log.info("starting %d engine workers at once (fixed KV cache)", len(self.workers))
-            await asyncio.gather(*(w.start() for w in self.workers))
-            return
-        log.info("starting %d engine workers one after another (KV cache sized by profiling)", len(self.workers))
-        for worker in self.workers:
-            await worker.start()
-
-    def alive(self) -> str | None:
-        return next((problem for w in self.workers if (problem := w.alive()) is not None), None)
-
-    async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
-        if len(questions) == 1:
-            worker = min(self.workers, key=lambda w: w.pending())
-            return await worker.answer(questions, overrides)
-        shards = plan_shards(questions, self.workers[0].settings, overrides, len(self.workers))
-        parts = await asyncio.gather(*(w.answer([questions[i] for i in shard], overrides)
-                                       for w, shard in zip(self.workers, shards, strict=False)))
-        errors: list[tuple[int, str]] = []
-        by_route: dict[str, int] = {}
-        for shard, part in zip(shards, parts, strict=True):
-            errors.extend((shard[index], message) for index, message in part.errors)
-            for route, count in part.tokens_by_route.items():
-                by_route[route] = by_route.get(route, 0) + count
-        texts = merge_arrays(shards, [p.texts_json for p in parts], len(questions))
-        return wire.Answers(texts, sorted(errors), sum(p.tokens for p in parts), by_route)
-
-    async def set_system_prompt(self, text: str) -> None:
-        await asyncio.gather(*(w.set_system_prompt(text) for w in self.workers))
-
-    async def shutdown(self) -> None:
-        from service.procs import reap_children
-
-        await asyncio.gather(*(w.stop_worker() for w in self.workers))
-        await asyncio.to_thread(reap_children)  # once, after every worker has stopped its engine
-
-
-def engine_client(settings: Settings, environ: Mapping[str, str]) -> ProcessEngineClient | ShardedEngineClient:
-    """The server's engine client: one worker process, or ``ENGINE_WORKERS`` of them."""
-    env = engine_environ(environ)
-    if settings.engine_workers == 1:
-        return ProcessEngineClient(settings, env)
-    return ShardedEngineClient([ProcessEngineClient(settings, env) for _ in range(settings.engine_workers)])

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from service.prompting import Overrides, Router, budget
+from service.pipeline.prompting import Overrides, Router, budget
 from service.settings import Settings
 
 # Prompt characters worth one generated token of work: a decode step costs every running sequence about

@@ -21,12 +21,9 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.client import EngineClient
-from service.engine import EngineDead, EngineUnavailable, timing_level
-from service.metrics import CONTENT_TYPE, Metrics
-from service.procs import freeze_heap
-from service.prompting import Overrides
-from service.schemas import (
+from service.backends.base import EngineDead, EngineUnavailable, timing_level
+from service.http.metrics import CONTENT_TYPE, Metrics
+from service.http.schemas import (
     Error,
     ItemError,
     PredictResponse,
@@ -35,8 +32,11 @@ from service.schemas import (
     decode_system_prompt,
     validation_field,
 )
+from service.pipeline.prompting import Overrides
+from service.pipeline.warmup import load_questions
+from service.pool.client import EngineClient
+from service.pool.procs import freeze_heap
 from service.settings import Settings
-from service.warmup import load_questions
 
 log = logging.getLogger("service")
 JSON = "application/json"

@@ -1,9 +1,4 @@
-"""The engine layer: a small protocol, and the choice of backend (explicit, never a silent fallback).
-
-``USE_VLLM=true`` means vLLM or a start-up error that says why; ``false`` means the transformers
-backend; ``auto`` tries vLLM and, when it cannot be imported, uses transformers and says so in the log,
-``GET /info`` and health.
-"""
+"""The engine layer's protocol: what the answering pipeline and the worker need from a backend."""
 
 from __future__ import annotations
 
@@ -117,30 +112,6 @@ def _importable(module: str) -> str | None:
     except ImportError as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-def build_engine(settings: Settings) -> Engine:
-    """The backend USE_VLLM asks for (not started yet); see ``Engine.check``."""
-    backend = settings.backend
-    if backend in ("vllm", "auto"):
-        from service.vllm_engine import VllmEngine
-
-        engine: Engine = VllmEngine(settings)
-        if backend == "vllm":
-            return engine
-        try:
-            engine.check()
-        except EngineUnavailable as exc:
-            from service.hf_engine import TransformersEngine
-
-            fallback = TransformersEngine(settings)
-            fallback.notice = f"USE_VLLM=auto: vLLM unavailable ({exc}); serving with transformers (slow)"
-            log.warning("%s", fallback.notice)
-            return fallback
-        return engine
-    from service.hf_engine import TransformersEngine
-
-    return TransformersEngine(settings)
 
 
 def require_import(module: str, backend: str, hint: str) -> None:

@@ -14,8 +14,16 @@ import logging
 import time
 from typing import Any
 
-from service.engine import EngineDead, EngineStats, EngineUnavailable, Item, Outcome, require_import, timing_level
-from service.procs import reap_children
+from service.backends.base import (
+    EngineDead,
+    EngineStats,
+    EngineUnavailable,
+    Item,
+    Outcome,
+    require_import,
+    timing_level,
+)
+from service.pool.procs import reap_children
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -152,7 +160,7 @@ class VllmEngine:
 
     ``ENGINE_FRONTEND=async``: ``AsyncLLM`` (vLLM's API server's), one task per question.
     ``ENGINE_FRONTEND=sync``: ``LLMEngine`` stepped on one thread as ``LLM.generate`` does
-    (``service.vllm_step.StepLoop``).  Both share the engine arguments, the prompts (token ids) and the
+    (``service.backends.vllm_step.StepLoop``).  Both share the engine arguments, the prompts (token ids) and the
     sampling parameters; concurrent requests batch together in the engine with either.
     """
 
@@ -195,7 +203,7 @@ class VllmEngine:
             from vllm.v1.engine.exceptions import EngineDeadError
             from vllm.v1.engine.llm_engine import LLMEngine
 
-            from service.vllm_step import StepLoop
+            from service.backends.vllm_step import StepLoop
 
             args = EngineArgs(**engine_args(s), disable_log_stats=not s.engine_stats)
             self._llm = await asyncio.to_thread(LLMEngine.from_engine_args, args, UsageContext.LLM_CLASS, loggers)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.engine import EngineDead, EngineStats, Item, Outcome, require_import
+from service.backends.base import EngineDead, EngineStats, Item, Outcome, require_import
 from service.settings import Settings
 
 log = logging.getLogger("service")

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
-from service.prompting import Overrides
+from service.pipeline.prompting import Overrides
 
 _LEN = struct.Struct("!I")
 
@@ -21,7 +21,7 @@ class Answers(Struct):
 
     The answers travel as one JSON array (``texts_json``), encoded by the engine worker that made them.
     With several workers each encodes its own share at the same time, and the API process only puts the
-    items back in order (``service.balance.merge_arrays``) instead of decoding and re-encoding every answer.
+    items back in order (``service.pipeline.balance.merge_arrays``) instead of decoding and re-encoding every answer.
     """
 
     texts_json: bytes

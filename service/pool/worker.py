@@ -1,4 +1,4 @@
-"""``python -m service.worker FD``: the engine worker, hosting a ``LocalEngineClient``.
+"""``python -m service.pool.worker FD``: the engine worker, hosting a ``LocalEngineClient``.
 
 Started by ``ProcessEngineClient`` with one end of a socket pair.  It builds the settings from its
 environment (the API process's), imports the backend and says Hello (or Failed), then on Start loads
@@ -17,15 +17,79 @@ import os
 import signal
 import socket
 import sys
+from typing import Any
 
-from service import wire
-from service.client import LocalEngineClient
-from service.engine import EngineDead, EngineUnavailable, build_engine
-from service.procs import freeze_heap, reap_children
+from service.backends import build_engine
+from service.backends.base import Engine, EngineDead, EngineStats, EngineUnavailable
+from service.pipeline.prompting import Overrides
+from service.pool import wire
+from service.pool.procs import freeze_heap, reap_children
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("service")
 STATS_EVERY = 0.25
+
+
+class LocalEngineClient:
+    """An ``Engine`` plus the answering pipeline (``service.pipeline.answer.Answerer``) in this process."""
+
+    def __init__(self, settings: Settings, engine: Engine):
+        self.settings = settings
+        self.engine = engine
+        self.answerer: Any = None
+        self.chat_format: str | None = None
+        self.system_prompt = ""
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    @property
+    def notice(self) -> str | None:
+        return self.engine.notice
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.engine.stats
+
+    @property
+    def init_seconds(self) -> float | None:
+        return self.engine.init_seconds
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def check(self) -> None:
+        self.engine.check()
+
+    async def start(self) -> None:
+        from service.pipeline.answer import Answerer
+
+        await self.engine.start()
+        self.answerer = Answerer(self.settings, self.engine, self.settings.load_system_prompt())
+        self._describe()
+
+    def _describe(self) -> None:
+        self.system_prompt = self.answerer.system_prompt
+        self.chat_format = "fast" if self.answerer.planner.formatter.fast else "template"
+
+    def alive(self) -> str | None:
+        return self.engine.alive()
+
+    async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
+        if self.answerer is None:
+            raise EngineDead("the engine is not started")
+        return await self.answerer.answer(questions, overrides)
+
+    async def set_system_prompt(self, text: str) -> None:
+        if self.answerer is None:
+            raise EngineDead("not ready: the system prompt can be replaced once the engine is up")
+        self.answerer.set_system_prompt(text)
+        self._describe()
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()
 
 
 def _die_with_parent() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import time
 
-from service.engine import Engine, Item, timing_level
-from service.prompting import Formatter, Overrides, Planner
+from service.backends.base import Engine, Item, timing_level
+from service.pipeline.prompting import Formatter, Overrides, Planner
+from service.pool.wire import Answers
 from service.settings import Settings
-from service.wire import Answers
 
 log = logging.getLogger("service")
 
@@ -17,7 +17,7 @@ class Answerer:
     """Built once the engine is up (it needs the tokenizer); the system prompt can be replaced."""
 
     def __init__(self, settings: Settings, engine: Engine, system_prompt: str):
-        from service.vllm_engine import stop_token_ids
+        from service.backends.vllm_engine import stop_token_ids
 
         self.settings = settings
         self.engine = engine

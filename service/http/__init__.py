@@ -1,0 +1,1 @@
+"""The API process's web side: app factory, routes, schemas, errors, metrics."""

@@ -1,0 +1,1 @@
+"""Questions to prompts and answers: prompting, routing, balancing, post-processing (imports no engine)."""

@@ -1,0 +1,120 @@
+"""Several engine workers sharing the device (``ENGINE_WORKERS`` > 1), and the factory the app uses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from service.backends.base import EngineStats, engines_start_together
+from service.pipeline.balance import merge_arrays, plan_shards
+from service.pipeline.prompting import Overrides
+from service.pool import wire
+from service.pool.client import ProcessEngineClient, engine_environ
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+class ShardedEngineClient:
+    """Several ``ProcessEngineClient`` workers sharing the device (``ENGINE_WORKERS`` > 1).
+
+    Each worker runs its own engine, so the engines' schedulers (single Python threads) run on separate
+    cores.  A request's questions are dealt out so that every worker has the same predicted work
+    (``service.pipeline.balance``), answered concurrently and put back in order; a single question goes to the
+    worker with the fewest calls in flight.
+    """
+
+    def __init__(self, workers: list[ProcessEngineClient]):
+        self.workers = workers
+        self.notice: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.workers[0].name
+
+    @property
+    def init_seconds(self) -> float | None:
+        times = [w.init_seconds for w in self.workers if w.init_seconds is not None]
+        return max(times) if times else None
+
+    @property
+    def max_model_len(self) -> int:
+        return min(w.max_model_len for w in self.workers)
+
+    @property
+    def chat_format(self) -> str | None:
+        return self.workers[0].chat_format
+
+    @property
+    def system_prompt(self) -> str:
+        return self.workers[0].system_prompt
+
+    @property
+    def stats(self) -> EngineStats:
+        total = EngineStats()
+        for w in self.workers:
+            s = w.stats
+            total.in_flight += s.in_flight
+            total.peak_in_flight += s.peak_in_flight
+            total.running += s.running
+            total.peak_running += s.peak_running
+            total.waiting += s.waiting
+            total.has_scheduler = total.has_scheduler or s.has_scheduler
+        return total
+
+    def spawn(self) -> None:
+        for w in self.workers:
+            w.spawn()
+
+    def check(self) -> None:
+        self.spawn()
+        for w in self.workers:
+            w.check()
+        self.notice = self.workers[0].notice
+
+    async def start(self) -> None:
+        """Start the engines: all at once with a fixed KV-cache size, else one after another."""
+        if engines_start_together(self.workers[0].settings):
+            log.info("starting %d engine workers at once (fixed KV cache)", len(self.workers))
+            await asyncio.gather(*(w.start() for w in self.workers))
+            return
+        log.info("starting %d engine workers one after another (KV cache sized by profiling)", len(self.workers))
+        for worker in self.workers:
+            await worker.start()
+
+    def alive(self) -> str | None:
+        return next((problem for w in self.workers if (problem := w.alive()) is not None), None)
+
+    async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
+        if len(questions) == 1:
+            worker = min(self.workers, key=lambda w: w.pending())
+            return await worker.answer(questions, overrides)
+        shards = plan_shards(questions, self.workers[0].settings, overrides, len(self.workers))
+        parts = await asyncio.gather(*(w.answer([questions[i] for i in shard], overrides)
+                                       for w, shard in zip(self.workers, shards, strict=False)))
+        errors: list[tuple[int, str]] = []
+        by_route: dict[str, int] = {}
+        for shard, part in zip(shards, parts, strict=True):
+            errors.extend((shard[index], message) for index, message in part.errors)
+            for route, count in part.tokens_by_route.items():
+                by_route[route] = by_route.get(route, 0) + count
+        texts = merge_arrays(shards, [p.texts_json for p in parts], len(questions))
+        return wire.Answers(texts, sorted(errors), sum(p.tokens for p in parts), by_route)
+
+    async def set_system_prompt(self, text: str) -> None:
+        await asyncio.gather(*(w.set_system_prompt(text) for w in self.workers))
+
+    async def shutdown(self) -> None:
+        from service.pool.procs import reap_children
+
+        await asyncio.gather(*(w.stop_worker() for w in self.workers))
+        await asyncio.to_thread(reap_children)  # once, after every worker has stopped its engine
+
+
+def engine_client(settings: Settings, environ: Mapping[str, str]) -> ProcessEngineClient | ShardedEngineClient:
+    """The server's engine client: one worker process, or ``ENGINE_WORKERS`` of them."""
+    env = engine_environ(environ)
+    if settings.engine_workers == 1:
+        return ProcessEngineClient(settings, env)
+    return ShardedEngineClient([ProcessEngineClient(settings, env) for _ in range(settings.engine_workers)])
