@@ -1,7 +1,7 @@
 """Command line of the project (invoke): ``inv run``, ``inv env``, ``inv download``.
 
-Thin on purpose: every step lives in ``env/launcher.py``; this file maps flags to it and turns a
-``LaunchError`` into invoke's ``Exit`` with the launcher's exit code (listed in the README).
+Thin on purpose: every step lives in ``env/launcher.py`` (one module each under ``env/steps/``); this file maps
+flags to it and turns a ``LaunchError`` into invoke's ``Exit`` with the launcher's exit code (listed in the README).
 """
 
 from __future__ import annotations

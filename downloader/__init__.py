@@ -45,7 +45,6 @@ MARKER = ".download-complete"
 STAMP = ".download-target"  # in the staging directory: which id@revision it holds
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer.tiktoken")
 PROGRESS_INTERVAL = 1.0  # seconds between progress lines on a terminal
-TRUE, FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off", ""})
 log = logging.getLogger("download")
 
 
@@ -103,12 +102,17 @@ def download(values: Mapping[str, str], *, progress: bool | None = None) -> list
 
 
 def _flag(values: Mapping[str, str], key: str, default: str, exit_code: int) -> bool:
+    """The switch ``key`` (env.values.parse_bool; empty is off), or DownloadError with ``exit_code``."""
+    from env.values import parse_bool
+
     raw = (values.get(key, default) or "").strip().lower()
-    if raw in TRUE:
-        return True
-    if raw in FALSE:
+    if not raw:
         return False
-    raise DownloadError(f"{key}={raw!r} is not a boolean: use 1 or 0 (true/false, yes/no, on/off).", exit_code)
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        raise DownloadError(f"{key}={raw!r} is not a boolean: use 1 or 0 (true/false, yes/no, on/off).",
+                            exit_code) from None
 
 
 def _request(values: Mapping[str, str], role: str, id_var: str, rev_var: str, dir_var: str,

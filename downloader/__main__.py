@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     log = logging.getLogger("download")
 
-    from env import PresetError, layer
+    from env import PresetError, is_on, layer
 
     try:
         values = {k: v.value for k, v in layer(os.environ, args.preset, force=args.force).items()}
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in PASSTHROUGH:
         if key not in values and os.environ.get(key):
             values[key] = os.environ[key]
-    if values.get("SKIP_MODEL_DOWNLOAD", "0").strip().lower() in {"1", "true", "yes", "on"}:
+    if is_on(values.get("SKIP_MODEL_DOWNLOAD", "0")):
         log.info("[download] SKIP_MODEL_DOWNLOAD=1: skipped")
         return 0
 

@@ -3,6 +3,8 @@
 ``defaults.env`` is the single source of every default; other presets list only what differs.
 Nothing here touches ``os.environ``: callers get a mapping and decide what to do with it.
 ``env.layout`` derives the engine layout's ``auto`` values from the hardware and the model.
+``env.values`` is the project's one true/false parser (``parse_bool``, ``is_on``); ``env.launcher`` runs the
+steps of ``inv run`` (``env/steps/``, one module per step) and is never imported by the service.
 """
 
 from env.layering import (
@@ -23,6 +25,7 @@ from env.layering import (
     with_layout,
 )
 from env.layout import LAYOUT_KEYS, Hardware, ModelShape, derive, probe_hardware, read_model_shape
+from env.values import is_on, parse_bool
 
 __all__ = [
     "DEFAULTS",
@@ -35,8 +38,10 @@ __all__ = [
     "PresetError",
     "Value",
     "derive",
+    "is_on",
     "layer",
     "layout_lines",
+    "parse_bool",
     "preset_names",
     "probe_hardware",
     "read_model_shape",

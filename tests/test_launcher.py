@@ -18,7 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from env.launcher import choose_interpreter, probe, read_requirements
+from env.steps.install import read_requirements, requirements_state
+from env.steps.interpreter import choose_interpreter, probe
 from tests.conftest import ROOT, Server, alive, descendants, free_port, port_is_free
 from tests.test_env import TOKEN, clean_env, inv
 
@@ -182,8 +183,6 @@ def test_run_execs_the_server_in_the_launcher_process(tmp_path):
 
 def test_requirements_check_sees_this_environment():
     """The launcher's "already satisfied" check, run with this interpreter, on the test requirements."""
-    from env.launcher import requirements_state
-
     python = probe(sys.executable)
     missing, present = requirements_state(python, ["pytest", "no-such-package-xyz>=1"], ["pytest", "no-such-pkg"])
     assert missing == ["no-such-package-xyz>=1"] and present == ["pytest"]
