@@ -8,24 +8,23 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-Temperature = Annotated[float, Meta(ge=0.0, le=5.0)]
-TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
-TopK = Annotated[int, Meta(ge=-1, le=1_000_000)]
-RepetitionPenalty = Annotated[float, Meta(gt=0.0, le=10.0)]
-FrequencyPenalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
-MaxNewTokens = Annotated[int, Meta(ge=1, le=1_048_576)]
+from service.pipeline.limits import LIMITS, problems
 
 
 class PredictRequest(Struct, forbid_unknown_fields=True):
-    """``{"prompt": "question"}`` or ``{"prompt": [q1, q2, ...]}`` with optional decoding overrides."""
+    """``{"prompt": "question"}`` or ``{"prompt": [q1, q2, ...]}`` with optional decoding overrides.
+
+    The types are checked by msgspec; the ranges are the engine's, checked by ``check_sampling`` against
+    the one table in ``service.pipeline.limits``.
+    """
 
     prompt: str | list[str]
-    max_new_tokens: MaxNewTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    frequency_penalty: FrequencyPenalty | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
 
 
 class ItemError(Struct):
@@ -62,9 +61,24 @@ def validation_field(message: str) -> str | None:
     return match.group(1) if match and match.group(1) else None
 
 
-def decode_predict(body: bytes) -> PredictRequest:
-    """Parse a /predict body; msgspec errors name the field and the allowed range."""
-    return msgspec.json.decode(body, type=PredictRequest)
+def check_sampling(request: Struct, max_model_len: int | None = None) -> None:
+    """Refuse a sampling value the engine would reject, for any request body with fields named as in LIMITS.
+
+    Raises ``msgspec.ValidationError`` (a 400 ``validation_error`` whose ``field`` is the parameter and whose
+    detail gives the engine's range), the same error msgspec raises for a wrong type.  ``max_model_len``
+    (when known) also limits ``max_new_tokens`` to MAX_MODEL_LEN - 1.
+    """
+    values = {name: getattr(request, name) for name in LIMITS if name in request.__struct_fields__}
+    found = problems(values, max_model_len)
+    if found:
+        raise msgspec.ValidationError(f"{'; '.join(map(str, found))} - at `$.{found[0].field}`")
+
+
+def decode_predict(body: bytes, max_model_len: int | None = None) -> PredictRequest:
+    """Parse a /predict body; errors name the field and, for sampling values, the engine's range."""
+    request = msgspec.json.decode(body, type=PredictRequest)
+    check_sampling(request, max_model_len)
+    return request
 
 
 def decode_system_prompt(body: bytes) -> SystemPrompt:
