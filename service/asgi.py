@@ -12,6 +12,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from service.backends.base import EngineUnavailable
+from service.pool.procs import become_subreaper
 from service.pool.sharded import engine_client
 from service.settings import Settings, SettingsError
 
@@ -36,6 +37,8 @@ def create_app_from_env() -> Litestar:
         log.error("%s", exc)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
+    # Orphans of the workers' processes come back to this process, not to init (service.pool.procs).
+    become_subreaper()
     # The workers get the layout as resolved here, so that no worker derives its own (env/layout.py).
     engine = engine_client(settings, {**os.environ, **{key: value for key, value, _ in settings.layout}})
     engine.spawn()  # the worker imports the engine while this process imports the web stack

@@ -1,16 +1,24 @@
-"""Shared fixtures: the demo model, free ports, and real server processes whose whole tree is stopped."""
+"""Shared fixtures: the demo model, free ports, and real server processes whose whole tree is stopped.
+
+Every server runs in a session of its own; the process groups of the servers and of every worker or engine
+seen under them are recorded (``GROUPS``), and the session ends with a check that none of them has a live
+process left (``_no_process_left``).  A server's ``stop`` takes its groups down on any failure.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,41 +42,170 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def descendants(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
+    """PIDs of every live (not zombie) descendant of ``pid``."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    return [child.pid for child in children if alive(child.pid)]
 
 
 def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has ended: it only waits for its exit status to be read)."""
     try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return state != "Z"
+
+
+def pgid_of(pid: int) -> int | None:
+    with contextlib.suppress(OSError):
+        return os.getpgid(pid)
+    return None
+
+
+def tree_groups(pid: int) -> set[int]:
+    """The process groups of ``pid`` and of its live descendants (a server's, its workers' and engines')."""
+    return {g for g in map(pgid_of, [pid, *descendants(pid)]) if g is not None}
+
+
+def group_processes(groups: Iterable[int]) -> list[psutil.Process]:
+    """The live (not zombie) processes of the process ``groups``, this test process excepted."""
+    wanted, found = set(groups) - {os.getpgrp()}, []
+    for proc in psutil.process_iter():
+        if proc.pid != os.getpid() and pgid_of(proc.pid) in wanted and alive(proc.pid):
+            found.append(proc)
+    return found
+
+
+def born(pid: int) -> float:
+    """When ``pid`` started (epoch seconds), or now if it is gone."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return time.time()
+
+
+def reused(pgid: int, first_seen: float) -> bool:
+    """Whether the number ``pgid`` now leads another group: a process with that pid started after ``first_seen``.
+
+    Linux reuses no pid while a process group of that id has a member, so this means the old group is gone.
+    """
+    return alive(pgid) and born(pgid) > first_seen + 0.5
+
+
+def describe(procs: Iterable[psutil.Process]) -> str:
+    """One line per process: pid, process group and command line."""
+    lines = []
+    for proc in procs:
+        try:
+            cmdline = " ".join(proc.cmdline()).strip() or proc.name()
+        except psutil.Error:
+            cmdline = "(gone)"
+        lines.append(f"  pid {proc.pid} group {pgid_of(proc.pid)}: {cmdline[:200]}")
+    return "\n".join(lines)
+
+
+def wait_groups_gone(groups: Iterable[int], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` s for the process ``groups`` to have no live process; what is left."""
+    groups = set(groups)
+    deadline = time.monotonic() + timeout
+    while (left := group_processes(groups)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+class ProcessGroups:
+    """The process groups of every server the tests started and of every process seen under them.
+
+    A thread looks under each running server twice a second (workers and engines start in sessions of their
+    own, and a restarted worker is a new group); ``Server.stop`` looks once more before it signals.
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[int, tuple[str, float]] = {}  # pgid: (what, when its leader started or it was seen)
+        self.leaks: list[str] = []
+        self.servers: dict[int, Server] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, server: Server) -> None:
+        with self._lock:
+            self.groups.setdefault(server.pid, (" ".join(server.args)[:200], born(server.pid)))
+            self.servers[server.pid] = server
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="process-groups", daemon=True)
+                self._thread.start()
+
+    def note(self, server: Server) -> set[int]:
+        """Record (and return) every group under ``server`` now, and the ones recorded before."""
+        seen = tree_groups(server.pid) if server.proc.poll() is None else set()
+        with self._lock:
+            for pgid in seen - {os.getpgrp()} - set(self.groups):
+                self.groups[pgid] = (f"under {' '.join(server.args)[:160]}", born(pgid))
+            server.groups |= seen - {os.getpgrp()}
+            return set(server.groups)
+
+    def forget(self, server: Server) -> None:
+        with self._lock:
+            self.servers.pop(server.pid, None)
+
+    def live(self, among: Iterable[int] | None = None) -> list[int]:
+        """The recorded groups (``among`` them) whose number no new process has taken since (pid reuse)."""
+        with self._lock:
+            groups = dict(self.groups)
+        wanted = groups if among is None else set(among)
+        return [pgid for pgid, (_, first) in groups.items() if pgid in wanted and not reused(pgid, first)]
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                servers = list(self.servers.values())
+            for server in servers:
+                with contextlib.suppress(psutil.Error, OSError):
+                    self.note(server)
+            time.sleep(0.5)
+
+
+GROUPS = ProcessGroups()
+TREE_GRACE = 10.0  # a server's whole tree must be gone this long after its top process ended
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_left() -> Iterator[None]:
+    """At the session's end: no live process in any group a server of the tests had or started."""
+    yield
+    problems = []
+    for server in list(GROUPS.servers.values()):
+        problems.append(f"a server was never stopped by its test: {' '.join(server.args)[:200]}")
+        server.stop(signal.SIGKILL, timeout=5)
+    left = wait_groups_gone(GROUPS.live(), TREE_GRACE)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    problems += GROUPS.leaks
+    if left:
+        problems.append(f"processes alive at the end of the session, in groups the tests started:\n{describe(left)}")
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
 
 
 class Server:
-    """A real process (launcher or uvicorn) started in its own session; ``stop`` kills the whole tree."""
+    """A real process (launcher or uvicorn) started in its own session; ``stop`` ends its whole tree.
+
+    Its process group and every group seen under it (workers, engines) are recorded in ``GROUPS``.
+    """
 
     def __init__(self, args: Sequence[str], env: Mapping[str, str], cwd: Path = ROOT, log: Path | None = None):
+        self.args = list(args)
         self.log_path = log
+        self.groups: set[int] = set()
         out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         self._out = out
-        self.proc = subprocess.Popen(list(args), env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.args, env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        self.groups.add(self.proc.pid)
+        GROUPS.watch(self)
 
     @property
     def pid(self) -> int:
@@ -89,24 +226,30 @@ class Server:
         raise AssertionError(f"port {port} not open after {timeout}s:\n{self.log()[-4000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
-        tree = descendants(self.pid)
+        """``sig`` to the server, up to ``timeout`` s, then SIGKILL; its whole tree must follow within 10 s.
+
+        Whatever of its groups is still alive then is SIGKILLed and recorded as a leak (the session fails).
+        """
+        groups = GROUPS.note(self)
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in [self.pid, *tree]:
-            if alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        if self._out is not subprocess.DEVNULL:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        GROUPS.forget(self)
+        groups = set(GROUPS.live(groups))
+        left = wait_groups_gone(groups, TREE_GRACE)
+        if left:
+            GROUPS.leaks.append(f"{TREE_GRACE:g} s after {' '.join(self.args)[:160]} ended, its tree was still "
+                                f"alive:\n{describe(left)}")
+            for proc in left:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            wait_groups_gone(groups, TREE_GRACE)
+        if self._out is not subprocess.DEVNULL and not self._out.closed:
             self._out.close()
         return self.proc.returncode
 
@@ -194,9 +337,12 @@ def start_service(tmp: Path, env: Mapping[str, str]) -> Service:
     args = [PYTHON, "-m", "service", "--host", "127.0.0.1",
             "--port", str(port), "--timeout-graceful-shutdown", env.get("SHUTDOWN_TIMEOUT", "30")]
     server = Server(args, env, log=tmp / f"server-{port}.log")
-    service = Service(server, port)
-    server.wait_port(port)
-    return service
+    try:
+        server.wait_port(port)
+    except BaseException:
+        server.stop(timeout=10)  # a server that did not come up takes its engine with it
+        raise
+    return Service(server, port)
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
-from tests.conftest import PYTHON, ROOT, demo_env
+from tests.conftest import PYTHON, ROOT, Server, demo_env
 
 
 def _processes(marker: bytes) -> list[int]:
@@ -34,14 +33,19 @@ def test_bench_ceiling_with_two_workers_runs_two_offline_engines(tmp_path: Path,
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"问题{i}：什么是{topics[i % 8]}？"},
                                                      {"role": "assistant", "content": "答案"}]}, ensure_ascii=False) + "\n"
                             for i in range(48)), encoding="utf-8")
-    done = subprocess.run(
+    # In a session of its own, so that its services and ceiling engines go with it if the test fails.
+    bench = Server(
         [PYTHON, "-m", "bench.bench", "--preset", "demo", "--ceiling", "--data", str(data), "--n", "48", "--rounds", "1",
          "--set", "ENGINE_WORKERS=2", "--set", "VLLM_KV_CACHE_MEMORY_BYTES=256MiB", "--set", f"MODEL_DIR={demo_model}",
          "--set", "WARMUP_DATA_PATH=", "--variant", "sync ENGINE_FRONTEND=sync", "--log", str(log),
          "--output", str(report_path), "--json"],
-        env=demo_env(demo_model), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "ceiling: 2 offline engines sharing the device" in done.stderr
+        demo_env(demo_model), cwd=ROOT, log=tmp_path / "bench.out")
+    try:
+        code = bench.proc.wait(900)
+    finally:
+        bench.stop()
+    assert code == 0, bench.log()[-3000:]
+    assert "ceiling: 2 offline engines sharing the device" in bench.log()
     report = json.loads(report_path.read_text())
     service, ceiling = report["service"], report["ceiling"]
     assert service["errors"] == 0 and ceiling["errors"] == 0
