@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from env import SECRETS, layer, resolve_layout, resolve_path
+from env.values import parse_bool as _bool  # the project's one true/false parser: strict, empty is not allowed
+from service.pipeline.limits import LIMITS
 
 log = logging.getLogger("service")
-
-TRUE = {"1", "true", "yes", "on"}
-FALSE = {"0", "false", "no", "off"}
 
 
 class SettingsError(ValueError):
@@ -36,17 +35,16 @@ class SettingsError(ValueError):
 
 # --- parsers: each takes the raw string and returns the value or raises ValueError("allowed: ...") ---
 
-def _bool(raw: str) -> bool:
-    low = raw.strip().lower()
-    if low in TRUE:
-        return True
-    if low in FALSE:
-        return False
-    raise ValueError("allowed: 1/0, true/false, yes/no, on/off")
-
-
 def _optional_bool(raw: str) -> bool | None:
     return None if raw.strip() == "" else _bool(raw)
+
+
+def _switch_or_auto(raw: str) -> str:
+    """``auto``, or a switch in any spelling of env/values.py, kept as ``true``/``false`` (USE_VLLM)."""
+    try:
+        return "auto" if raw.strip().lower() == "auto" else "true" if _bool(raw) else "false"
+    except ValueError:
+        raise ValueError("allowed: true, false, auto (or 1/0, yes/no, on/off)") from None
 
 
 def _int(lo: int | None = None, hi: int | None = None, optional: bool = False) -> Callable[[str], int | None]:
@@ -179,21 +177,24 @@ def var(parse: Callable[[str], Any], doc: str, *, secret: bool = False) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Every variable of SPEC section 2, plus the vLLM and server knobs; defaults in env/defaults.env."""
+    """Every variable of SPEC section 2, plus the vLLM and server knobs; defaults in env/defaults.env.
+
+    Fields that the service does not read itself (validated, shown in GET /info) say who does in their doc.
+    """
 
     # server
-    host: str = var(_text, "Address the server binds.")
-    port: int = var(_int(1, 65535), "Port the server binds (the evaluation harness uses 8000).")
+    host: str = var(_text, "Address the server binds (passed to uvicorn by `inv run`).")
+    port: int = var(_int(1, 65535), "Port the server binds (passed to uvicorn by `inv run`; the harness uses 8000).")
     log_level: str = var(_level, "Log level of the service.")
     shutdown_timeout: int = var(_int(0, 3600), "Seconds in-flight requests may run on after SIGTERM.")
     admin_token: str = var(_text, "Token for POST /system_prompt; empty: loopback clients only.", secret=True)
     max_request_bytes: int = var(_int(1024), "Largest accepted request body in bytes.")
     max_batch_questions: int = var(_int(1), "Most questions in one request.")
     # model
-    model_id: str = var(_text, "ModelScope model id, or `demo` for the local tiny model.")
-    model_revision: str = var(_text, "Model revision (branch or tag).")
+    model_id: str = var(_text, "ModelScope model id, or `demo` for the local tiny model (read by the downloader).")
+    model_revision: str = var(_text, "Model revision, branch or tag (read by the downloader).")
     model_dir: Path = var(_path, "Directory of the model to serve.")
-    modelscope_api_token: str = var(_text, "ModelScope token (empty: anonymous).", secret=True)
+    modelscope_api_token: str = var(_text, "ModelScope token, empty: anonymous (read by the downloader).", secret=True)
     # speculative decoding
     enable_speculative_decoding: bool = var(_bool, "Turn on speculative decoding.")
     spec_method: str = var(_choice("ngram", "draft_model", "eagle", "eagle3", "medusa", "mlp_speculator", "mtp"),
@@ -201,12 +202,12 @@ class Settings:
     spec_num_speculative_tokens: int = var(_int(1, 64), "Tokens proposed per step.")
     spec_ngram_lookup_max: int = var(_int(1, 64), "Largest n-gram matched (ngram method).")
     spec_ngram_lookup_min: int = var(_int(1, 64), "Smallest n-gram matched (ngram method).")
-    spec_draft_model_id: str = var(_text, "Draft model id (draft-model methods).")
-    spec_draft_model_revision: str = var(_text, "Draft model revision.")
+    spec_draft_model_id: str = var(_text, "Draft model id (draft-model methods; read by the downloader).")
+    spec_draft_model_revision: str = var(_text, "Draft model revision (read by the downloader).")
     spec_draft_model_dir: Path = var(_path, "Directory of the draft model.")
     spec_draft_optional: bool = var(_bool, "A missing draft is a warning (speculation off) rather than an error.")
     # engine
-    use_vllm: str = var(_choice("true", "false", "auto", "1", "0"),
+    use_vllm: str = var(_switch_or_auto,
                         "true: vLLM or a start-up error; false: transformers; auto: vLLM else transformers.")
     gpu_memory_utilization: float = var(_float(0.0, 1.0, lo_open=True),
                                         "Fraction of GPU memory for the engine (on the CPU: of host RAM for KV).")
@@ -249,13 +250,13 @@ class Settings:
     # batch
     batch_mode: bool = var(_bool, "Health says `batch`: the harness posts all questions at once.")
     batch_concurrency: int = var(_int(1, 1_000_000), "Most questions in an engine at once, over all requests (each of ENGINE_WORKERS has its own).")
-    vllm_batch_use_llm: bool = var(_bool, "Compatibility: list requests always go to the engine in one submission.")
+    vllm_batch_use_llm: bool = var(_bool, "Accepted for compatibility, not used: list requests always go to the engine in one submission.")
     # decoding
-    temperature: float = var(_float(0.0, 5.0), "Sampling temperature (0 = greedy).")
-    top_p: float = var(_float(0.0, 1.0, lo_open=True), "Nucleus sampling mass.")
-    top_k: int = var(_int(-1, 1_000_000), "Top-k (-1 or 0: off).")
-    repetition_penalty: float = var(_float(0.0, 10.0, lo_open=True), "Repetition penalty (1 = off).")
-    frequency_penalty: float = var(_float(-2.0, 2.0), "Frequency penalty (0 = off).")
+    temperature: float = var(LIMITS["temperature"].parse, "Sampling temperature (0 = greedy).")
+    top_p: float = var(LIMITS["top_p"].parse, "Nucleus sampling mass.")
+    top_k: int = var(LIMITS["top_k"].parse, "Top-k (-1 or 0: off).")
+    repetition_penalty: float = var(LIMITS["repetition_penalty"].parse, "Repetition penalty (1 = off).")
+    frequency_penalty: float = var(LIMITS["frequency_penalty"].parse, "Frequency penalty (0 = off).")
     # length / routing
     max_new_tokens: int = var(_int(1, 1_048_576), "Answer budget of ordinary questions.")
     disable_token_routing: bool = var(_bool, "Give every question MAX_NEW_TOKENS.")
@@ -282,7 +283,11 @@ class Settings:
     warmup_num_samples: int = var(_int(0), "Warmup questions taken from the file.")
     warmup_repeat: int = var(_int(0, 100), "Passes over the warmup questions.")
     # process
-    omp_num_threads: int = var(_int(1, 4096), "OpenMP threads (CPU engine and torch).")
+    omp_num_threads: int = var(_int(1, 4096), "OpenMP threads, CPU engine and torch (OpenMP reads the process environment; `inv run` exports it).")
+    engine_stall_timeout: float = var(_float(0.0), "Seconds a worker with calls in flight may make no progress (0: off).")
+    restart_limit: int = var(_int(0, 1000), "Worker restarts allowed within RESTART_WINDOW; one more crash: exit 1.")
+    restart_window: int = var(_int(1), "Seconds over which worker crashes are counted against RESTART_LIMIT.")
+    fault_inject: str = var(_text, "Test only: raise_on=TEXT / hang_on=TEXT (;-separated) faults a question in the worker.")
     # not a variable: (KEY, value, reason) of each layout value derived from `auto` (env/layout.py)
     layout: tuple[tuple[str, str, str], ...] = ()
 
@@ -321,7 +326,7 @@ class Settings:
     @property
     def backend(self) -> str:
         """``vllm``, ``transformers`` or ``auto`` as chosen by USE_VLLM."""
-        return {"true": "vllm", "1": "vllm", "false": "transformers", "0": "transformers"}.get(self.use_vllm, "auto")
+        return {"true": "vllm", "false": "transformers"}.get(self.use_vllm, "auto")
 
     def load_system_prompt(self) -> str:
         """SYSTEM_PROMPT, or the text of SYSTEM_PROMPT_FILE when that is set."""

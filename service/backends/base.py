@@ -20,6 +20,17 @@ class EngineDead(RuntimeError):
     """The engine stopped working while serving; requests get HTTP 503."""
 
 
+class EngineCallFailed(RuntimeError):
+    """One call to the engine raised (in the worker) while the engine itself is fine; the request gets HTTP 500.
+
+    ``kind`` is the exception's class name in the worker, where its traceback is logged.
+    """
+
+    def __init__(self, message: str, kind: str = "RuntimeError"):
+        super().__init__(message)
+        self.kind = kind
+
+
 @dataclass(slots=True)
 class Item:
     """One question for the engine: its chat-formatted prompt and ``SamplingParams`` keyword arguments."""
@@ -48,6 +59,10 @@ class EngineStats:
     peak_running: int = 0
     waiting: int = 0
     has_scheduler: bool = False  # running/waiting are the engine's own counts (ENGINE_STATS=1 with vLLM)
+    # Progress counters (only ever grow): a worker with questions in flight whose counters stand still for
+    # ENGINE_STALL_TIMEOUT seconds is stuck (service.pool.client).
+    finished: int = 0  # questions the engine finished (answered, rejected or aborted)
+    generated: int = 0  # tokens generated, as the engine reports them step by step (ENGINE_STATS=1 with vLLM)
     extra: dict[str, float] = field(default_factory=dict)
 
     def enter(self, n: int = 1) -> None:

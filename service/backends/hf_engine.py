@@ -102,6 +102,7 @@ class TransformersEngine:
             else:
                 self._queue.put_nowait(_Job(item, token_ids, future))
             futures.append(future)
+        # Cancelled (the client went away), the futures are cancelled too and their jobs skipped (``_run``).
         return list(await asyncio.gather(*futures))
 
     async def _run(self) -> None:
@@ -127,6 +128,7 @@ class TransformersEngine:
             outcomes = [Outcome(error=f"transformers generate failed: {exc}") for _ in jobs]
         finally:
             self.stats.leave(len(jobs))
+            self.stats.finished += len(jobs)  # the stall detector's progress
         for job, outcome in zip(jobs, outcomes, strict=True):
             if not job.future.done():
                 job.future.set_result(outcome)

@@ -135,6 +135,15 @@ def decode_answers(tokenizer: Any, token_ids: list[Any]) -> list[str]:
     return [text.rstrip("\ufffd") for text in texts]
 
 
+def rejected_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for one bad question: ``ValueError`` and its ``VLLMClientError`` (not a ValueError)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # an older vLLM: its validation errors are ValueErrors
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
+
+
 def _stat_logger_factory(stats: EngineStats) -> Any:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -148,6 +157,8 @@ def _stat_logger_factory(stats: EngineStats) -> Any:
                    engine_idx: int = 0) -> None:
             if scheduler_stats is not None:
                 stats.scheduler(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
+            if iteration_stats is not None:
+                stats.generated += iteration_stats.num_generation_tokens  # the stall detector's progress
 
         def log_engine_initialized(self) -> None:
             pass
@@ -207,7 +218,8 @@ class VllmEngine:
 
             args = EngineArgs(**engine_args(s), disable_log_stats=not s.engine_stats)
             self._llm = await asyncio.to_thread(LLMEngine.from_engine_args, args, UsageContext.LLM_CLASS, loggers)
-            self._steps = StepLoop(self._llm, asyncio.get_running_loop(), s.batch_concurrency, EngineDeadError)
+            self._steps = StepLoop(self._llm, asyncio.get_running_loop(), s.batch_concurrency, EngineDeadError,
+                                   self.stats)
             self._steps.start()
         else:
             from vllm.engine.arg_utils import AsyncEngineArgs
@@ -269,8 +281,12 @@ class VllmEngine:
                 continue
             sp = params.get(id(item.sampling))
             if sp is None:
-                sp = params[id(item.sampling)] = SamplingParams(**item.sampling,
-                                                                output_kind=RequestOutputKind.FINAL_ONLY)
+                try:
+                    sp = SamplingParams(**item.sampling, output_kind=RequestOutputKind.FINAL_ONLY)
+                except rejected_errors() as exc:  # a value vLLM refuses fails this question alone
+                    outcomes[index] = Outcome(error=f"the engine refused the sampling parameters: {exc}")
+                    continue
+                params[id(item.sampling)] = sp
             requests.append((index, tokens_input(token_ids) if token_ids is not None else item.prompt, sp))
         submit = self._step_all if self._steps is not None else self._stream_all
         for (index, _, sp), final in zip(requests, await submit(requests), strict=True):
@@ -307,13 +323,16 @@ class VllmEngine:
                         final = output
                 except EngineDeadError as exc:
                     raise EngineDead(f"vLLM engine died: {exc}") from exc
-                except ValueError as exc:  # vLLM's validation errors (VLLMValidationError is one)
+                except rejected_errors() as exc:  # the engine refused this question (too long, bad value)
                     return str(exc)
                 finally:
                     self.stats.leave()
+                    self.stats.finished += 1
             assert final is not None
             return final
 
+        # Cancelled (the client went away), each task's generator aborts its request in the engine (AsyncLLM
+        # does that on CancelledError) and leaves BATCH_CONCURRENCY's gate.
         tasks = [asyncio.ensure_future(one(prompt, sp)) for _, prompt, sp in requests]
         try:
             return list(await asyncio.gather(*tasks))
@@ -323,7 +342,12 @@ class VllmEngine:
             raise
 
     async def _step_all(self, requests: list[tuple[int, Any, Any]]) -> list[Any]:
-        """LLMEngine on the step thread: every question submitted at once; a final output or an error text."""
+        """LLMEngine on the step thread: every question submitted at once; a final output or an error text.
+
+        Cancelled (the client went away), its questions are aborted in the engine and leave the backlog.
+        """
+        from service.backends.vllm_step import LoopStopped, Rejected
+
         steps = self._steps  # shutdown may clear the attribute while this request waits
         ids = [f"q{next(self._ids)}" for _ in requests]
         futures = steps.submit([(rid, prompt, sp) for rid, (_, prompt, sp) in zip(ids, requests, strict=True)])
@@ -337,9 +361,14 @@ class VllmEngine:
             self.stats.leave(len(futures))
         out: list[Any] = []
         for result in results:
-            if isinstance(result, RuntimeError):  # the step loop stopped: nothing more can be answered
+            if isinstance(result, LoopStopped):  # nothing more can be answered
                 raise EngineDead(str(result))
-            out.append(str(result) if isinstance(result, ValueError) else result)
+            if isinstance(result, Rejected):  # the engine refused this question alone
+                out.append(str(result))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                out.append(result)
         return out
 
     async def shutdown(self) -> None:

@@ -37,11 +37,21 @@ class _Abort:
     request_ids: list[str]
 
 
+class Rejected(Exception):
+    """The engine refused one question (``add_request`` raised); the others go on."""
+
+
+class LoopStopped(RuntimeError):
+    """The step loop has stopped (shutdown, or the engine died): nothing more can be answered."""
+
+
 class StepLoop:
     """An ``LLMEngine`` driven by its own thread; ``submit`` from the event loop, results as futures."""
 
-    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, limit: int, dead_error: type[BaseException]):
+    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, limit: int, dead_error: type[BaseException],
+                 stats: Any = None):
         self._engine = engine
+        self._stats = stats  # an EngineStats: ``finished`` counts the questions this thread ends
         self._loop = loop
         self._limit = limit
         self._dead_error = dead_error  # vLLM's EngineDeadError: the engine core stopped
@@ -61,13 +71,16 @@ class StepLoop:
         batch = [Submission(rid, prompt, params, self._loop.create_future()) for rid, prompt, params in requests]
         if self.problem is not None:
             for s in batch:
-                s.future.set_exception(RuntimeError(self.problem))
+                s.future.set_exception(LoopStopped(self.problem))
         else:
             self._inbox.put(batch)
         return [s.future for s in batch]
 
     def abort(self, request_ids: list[str]) -> None:
-        """Stop these requests (their futures are left unresolved: the caller has given up on them)."""
+        """Stop these requests: out of the backlog, aborted in the engine, their places under the limit freed.
+
+        Their futures are left unresolved: the caller has given up on them.
+        """
         self._inbox.put(_Abort(request_ids))
 
     def stop(self, timeout: float = 60) -> None:
@@ -81,7 +94,7 @@ class StepLoop:
     def _run(self) -> None:
         engine = self._engine
         try:
-            while self._take(block=not engine.has_unfinished_requests() and not self._backlog):
+            while self._take(block=self._idle()):
                 self._admit()
                 if engine.has_unfinished_requests():
                     self._finish(engine.step())
@@ -94,6 +107,15 @@ class StepLoop:
             log.exception("%s", reason)
         self.problem = reason
         self._fail_open(reason)
+
+    def _idle(self) -> bool:
+        """No question in the engine or waiting for it.  The scheduler's counts are then 0: vLLM records them
+        only when it steps, so after an abort of everything the last busy counts would otherwise stay."""
+        if self._engine.has_unfinished_requests() or self._backlog:
+            return False
+        if self._stats is not None and (self._stats.running or self._stats.waiting):
+            self._stats.scheduler(0, 0)
+        return True
 
     def _take(self, block: bool) -> bool:
         """Move every waiting message into the backlog (waiting for one if ``block``); False on stop."""
@@ -111,24 +133,36 @@ class StepLoop:
                 self._backlog.extend(message)
 
     def _admit(self) -> None:
-        """Add backlog questions to the engine up to the limit; a rejected question fails alone."""
+        """Add backlog questions to the engine up to the limit; a rejected question fails alone.
+
+        Whatever ``add_request`` raises for one question (vLLM's ``VLLMValidationError`` is no ValueError;
+        a prompt too long for the model is one) is that question's error: the loop goes on for the others.
+        """
         rejected: list[tuple[asyncio.Future[Any], BaseException]] = []
         while self._backlog and len(self._running) < self._limit:
             s = self._backlog.popleft()
             try:
                 self._engine.add_request(s.request_id, s.prompt, s.params)
-            except ValueError as exc:  # vLLM's validation errors (VLLMValidationError is one)
-                rejected.append((s.future, exc))
+            except self._dead_error:
+                raise
+            except Exception as exc:
+                rejected.append((s.future, Rejected(str(exc))))
                 continue
             self._running[s.request_id] = s
         if rejected:
+            self._count(len(rejected))
             self._loop.call_soon_threadsafe(_reject, rejected)
 
     def _finish(self, outputs: list[Any]) -> None:
         done = [(s.future, o) for o in outputs
                 if o.finished and (s := self._running.pop(o.request_id, None)) is not None]
         if done:
+            self._count(len(done))
             self._loop.call_soon_threadsafe(_resolve, done)
+
+    def _count(self, finished: int) -> None:
+        if self._stats is not None:
+            self._stats.finished += finished
 
     def _abort(self, request_ids: list[str]) -> None:
         wanted = set(request_ids)
@@ -142,7 +176,7 @@ class StepLoop:
         self._running.clear()
         self._backlog.clear()
         if open_ and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(_reject, [(f, RuntimeError(reason)) for f in open_])
+            self._loop.call_soon_threadsafe(_reject, [(f, LoopStopped(reason)) for f in open_])
 
 
 def _resolve(done: list[tuple[asyncio.Future[Any], Any]]) -> None:

@@ -3,8 +3,12 @@
 ``ProcessEngineClient`` is the API process's side of one engine worker (``python -m service.pool.worker``,
 which hosts the engine and the answering pipeline in a ``LocalEngineClient``), reached over a socket pair
 with msgpack frames.  The API process then imports neither vLLM nor torch (about 80 MB instead of 600 MB)
-and a crashing engine cannot take the HTTP side down with it.  The engine's own processes are children of
-the worker; shutdown stops the worker and every descendant.  Several workers: ``service.pool.sharded``.
+and a crashing engine cannot take the HTTP side down with it.  The worker runs in a session of its own and
+the engine's processes join its process group; shutdown or a crash ends the whole group.  Every call ends:
+with its reply, ``EngineDead`` (the worker or its engine is gone: HTTP 503) or ``EngineCallFailed`` (the call
+raised in the worker: HTTP 500); a cancelled call is cancelled in the worker too (its questions are aborted
+in the engine).  Several workers: ``service.pool.sharded``; supervision and restarts:
+``service.pool.lifecycle``.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from typing import Any, Protocol
 
 import msgspec
 
-from service.backends.base import EngineDead, EngineStats, EngineUnavailable
+from service.backends.base import EngineCallFailed, EngineDead, EngineStats, EngineUnavailable
 from service.pipeline.prompting import Overrides
-from service.pool import wire
+from service.pool import lifecycle, wire
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -40,6 +44,10 @@ class EngineClient(Protocol):
     max_model_len: int
     chat_format: str | None
     system_prompt: str
+
+    @property
+    def workers(self) -> list[ProcessEngineClient]:
+        """The worker processes behind this client (``service.pool.lifecycle`` supervises each)."""
 
     def check(self) -> None:
         """Make sure the backend imports (fast); raise EngineUnavailable saying why."""
@@ -60,13 +68,19 @@ class EngineClient(Protocol):
 
 
 class ProcessEngineClient:
-    """A ``LocalEngineClient`` in a worker process, driven over a socket pair."""
+    """A ``LocalEngineClient`` in a worker process, driven over a socket pair.
+
+    One object per worker slot: after a crash, ``kill`` ends the incarnation (its calls fail, its whole process
+    group is killed) and ``restart`` starts a new worker process in the same slot (``service.pool.lifecycle``
+    decides when).  ``state`` is ``new``, ``starting``, ``up``, ``down`` (dead or restarting) or ``stopped``.
+    """
 
     HANDSHAKE_TIMEOUT = 300.0
 
-    def __init__(self, settings: Settings, environ: Mapping[str, str]):
+    def __init__(self, settings: Settings, environ: Mapping[str, str], label: str = "engine worker"):
         self.settings = settings
         self.environ = dict(environ)
+        self.label = label
         self.name = settings.backend
         self.notice: str | None = None
         self.stats = EngineStats()
@@ -74,25 +88,48 @@ class ProcessEngineClient:
         self.max_model_len = settings.max_model_len
         self.chat_format: str | None = None
         self.system_prompt = ""
+        self.state = "new"
+        self.failure: str | None = None  # why its last incarnation was ended (see kill)
+        self._next = 0
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """Forget the previous incarnation (process, socket, calls, gauges)."""
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ready: asyncio.Future[Any] | None = None
-        self._next = 0
         self._dead: str | None = None
+        self._progress: tuple[int, int] | None = None
+        self._progress_at = time.monotonic()
+        self.stats.in_flight = self.stats.running = self.stats.waiting = 0
+
+    @property
+    def workers(self) -> list[ProcessEngineClient]:
+        return [self]
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's pid, which is also its process group's id (it runs in a session of its own)."""
+        return self._proc.pid if self._proc is not None else None
 
     # --- start-up -------------------------------------------------------------------------------
 
     def spawn(self) -> None:
-        """Start the worker process (it begins importing the backend at once)."""
+        """Start the worker process (it begins importing the backend at once).
+
+        Call it on the event loop's thread (or the main thread), never from a thread pool: the worker's
+        ``PR_SET_PDEATHSIG`` fires when the thread that started it ends.  ``start_new_session`` puts the worker
+        and everything it starts in a process group of its own, which ``kill`` takes down as a whole.
+        """
         if self._proc is not None:
             return
         parent, child = socket.socketpair()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "service.pool.worker", str(child.fileno())],
-            pass_fds=(child.fileno(),), env=self.environ, close_fds=True,
+            pass_fds=(child.fileno(),), env=self.environ, close_fds=True, start_new_session=True,
         )
         child.close()
         self._sock = parent
@@ -109,7 +146,7 @@ class ProcessEngineClient:
             hello = wire.recv_sync(parent)
         except (OSError, EOFError, msgspec.DecodeError) as exc:
             code = self._proc.wait(30) if self._proc.poll() is None else self._proc.returncode
-            raise EngineUnavailable(f"the engine worker exited ({code}) before it started: {exc}") from None
+            raise EngineUnavailable(f"the {self.label} exited ({code}) before it started: {exc}") from None
         if isinstance(hello, wire.Failed):
             self._proc.wait(30)
             raise EngineUnavailable(hello.message)
@@ -119,66 +156,116 @@ class ProcessEngineClient:
         parent.setblocking(False)
 
     async def start(self) -> None:
+        """Load the engine in the worker; EngineUnavailable or EngineDead (with the reason) when it cannot."""
+        self.state = "starting"
         self.check()
         assert self._sock is not None
         reader, self._writer = await asyncio.open_connection(sock=self._sock, limit=2**26)
-        loop = asyncio.get_running_loop()
-        self._ready = loop.create_future()
-        self._reader_task = asyncio.create_task(self._read(reader), name="engine-worker-reader")
+        self._ready = asyncio.get_running_loop().create_future()
+        self._reader_task = asyncio.create_task(self._read(reader), name=f"{self.label}-reader")
         wire.send(self._writer, wire.Start())
         ready = await self._ready
         if isinstance(ready, wire.Failed):
             raise EngineUnavailable(ready.message)
+        if not isinstance(ready, wire.Ready):
+            raise EngineDead(f"the {self.label} died while starting its engine: {getattr(ready, 'message', ready)}")
         self.init_seconds, self.max_model_len = ready.init_seconds, ready.max_model_len
         self.chat_format, self.system_prompt = ready.chat_format, ready.system_prompt
+        self.state = "up"
+
+    async def restart(self) -> None:
+        """A new worker process in this slot (after ``kill``): spawn, handshake, start its engine.
+
+        A system prompt replaced through the API is given to the new worker too.
+        """
+        wanted = self.system_prompt
+        self._fresh()
+        self.spawn()  # on the event loop's thread (see spawn)
+        await asyncio.to_thread(self.check)
+        await self.start()
+        if wanted and wanted != self.system_prompt:
+            await self.set_system_prompt(wanted)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 message = await wire.recv(reader)
                 if isinstance(message, wire.Stats):
-                    self.stats.in_flight, self.stats.waiting = message.in_flight, message.waiting
-                    self.stats.peak_in_flight = max(self.stats.peak_in_flight, message.peak_in_flight)
-                    self.stats.running = message.running
-                    self.stats.peak_running = max(self.stats.peak_running, message.peak_running)
-                    self.stats.has_scheduler = message.has_scheduler
+                    message.into(self.stats)
+                    if (message.finished, message.generated) != self._progress:
+                        self._progress, self._progress_at = (message.finished, message.generated), time.monotonic()
                 elif isinstance(message, wire.Ready | wire.Failed):
                     if self._ready is not None and not self._ready.done():
                         self._ready.set_result(message)
+                    elif isinstance(message, wire.Failed):  # after Ready: its engine died, it is shutting down
+                        self._died(f"the {self.label}'s engine died: {message.message}")
                 else:
                     future = self._pending.pop(message.id, None)
                     if future is not None and not future.done():
                         future.set_result(message)
         except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError) as exc:
-            code = self._proc.poll() if self._proc else None
-            self._dead = f"the engine worker stopped (exit code {code}): {type(exc).__name__}"
+            code = await asyncio.to_thread(lifecycle.exit_code, self._proc, 2.0)
+            self._died(f"the {self.label} stopped ({lifecycle.describe_exit(code)}; {type(exc).__name__})")
         finally:
-            self._dead = self._dead or "the engine worker stopped"
-            for future in [*self._pending.values(), self._ready]:
-                if future is not None and not future.done():
-                    future.set_result(wire.Dead(id=-1, message=self._dead))
-            self._pending.clear()
+            self._died(f"the {self.label} stopped")
+
+    def _died(self, reason: str) -> None:
+        """This incarnation is over: every call in flight ends with ``reason`` (EngineDead, HTTP 503)."""
+        self._dead = self._dead or reason
+        for future in [*self._pending.values(), self._ready]:
+            if future is not None and not future.done():
+                future.set_result(wire.Dead(id=-1, message=self._dead))
+        self._pending.clear()
+        self.stats.in_flight = self.stats.running = self.stats.waiting = 0
 
     # --- serving --------------------------------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up" and self.alive() is None
 
     def alive(self) -> str | None:
         if self._dead is not None:
             return self._dead
         if self._proc is not None and self._proc.poll() is not None:
-            return f"the engine worker exited with {self._proc.returncode}"
+            return f"the {self.label} exited ({lifecycle.describe_exit(self._proc.returncode)})"
         return None
 
+    def stalled(self, timeout: float) -> str | None:
+        """Why this worker counts as stuck: calls in flight and no progress for ``timeout`` s (0: never)."""
+        idle = time.monotonic() - self._progress_at
+        if timeout <= 0 or not self._pending or idle < timeout:
+            return None
+        return (f"the {self.label}'s engine made no progress for {idle:.0f} s with {len(self._pending)} calls in "
+                f"flight (ENGINE_STALL_TIMEOUT={timeout:g})")
+
     async def _call(self, make: Any) -> Any:
+        """Send one call and wait for its reply; cancelling the caller cancels the call in the worker."""
         if (problem := self.alive()) is not None or self._writer is None:
             raise EngineDead(problem or "the engine is not started")
         self._next += 1
+        id_ = self._next
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[self._next] = future
-        wire.send(self._writer, make(self._next))
-        await self._writer.drain()
-        reply = await future
+        if not self._pending:
+            self._progress_at = time.monotonic()  # the stall clock runs while calls are in flight
+        self._pending[id_] = future
+        try:
+            wire.send(self._writer, make(id_))
+            await self._writer.drain()
+            reply = await future
+        except asyncio.CancelledError:
+            if self._pending.pop(id_, None) is not None and self._dead is None:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    wire.send(self._writer, wire.Cancel(id_))
+            raise
+        except (ConnectionError, RuntimeError) as exc:
+            self._pending.pop(id_, None)
+            raise EngineDead(f"the {self.label} cannot be reached: {exc}") from None
         if isinstance(reply, wire.Dead):
+            self._died(reply.message)  # the worker's engine is gone (the worker exits): no later call may go there
             raise EngineDead(reply.message)
+        if isinstance(reply, wire.Error):
+            raise EngineCallFailed(reply.message, reply.kind)
         return reply
 
     async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
@@ -189,7 +276,19 @@ class ProcessEngineClient:
         reply = await self._call(lambda id_: wire.SetPrompt(id_, text))
         self.system_prompt, self.chat_format = reply.system_prompt, reply.chat_format
 
-    # --- shutdown -------------------------------------------------------------------------------
+    def pending(self) -> int:
+        """Calls sent to the worker and not answered yet."""
+        return len(self._pending)
+
+    # --- ending ---------------------------------------------------------------------------------
+
+    async def kill(self, reason: str) -> None:
+        """End this incarnation now: its calls fail with ``reason``; its whole process group is SIGKILLed."""
+        self.state, self.failure = "down", reason
+        self._died(reason)
+        if self._proc is not None:
+            await asyncio.to_thread(lifecycle.kill_tree, self._proc, self.label)
+        self._close()
 
     async def shutdown(self) -> None:
         await self.stop_worker()
@@ -197,41 +296,30 @@ class ProcessEngineClient:
 
         await asyncio.to_thread(reap_children)
 
-    def pending(self) -> int:
-        """Calls sent to the worker and not answered yet."""
-        return len(self._pending)
-
     async def stop_worker(self) -> None:
         """Ask the worker to stop its engine and wait for it to exit (killing it if it will not)."""
-        proc = self._proc
+        proc, serving = self._proc, self.state == "up"
+        self.state = "stopped"
         if proc is None:
             return
         self._dead = self._dead or "the engine is shut down"
-        if self._writer is not None and proc.poll() is None:
+        if serving and self._writer is not None and proc.poll() is None:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 wire.send(self._writer, wire.Stop())
                 await self._writer.drain()
-        await asyncio.to_thread(_stop_process, proc, self.settings.shutdown_timeout + 30)
+        elif proc.poll() is None:
+            proc.terminate()  # still starting (or restarting): nothing to drain, no need to wait for its engine
+        await asyncio.to_thread(lifecycle.stop_process, proc, self.settings.shutdown_timeout + 30)
+        await asyncio.to_thread(lifecycle.kill_tree, proc, self.label, False)  # whatever of its group outlived it
+        self._close()
+
+    def _close(self) -> None:
         if self._reader_task is not None:
             self._reader_task.cancel()
         if self._writer is not None:
             self._writer.close()
-
-
-def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Wait for the worker to stop its engine and exit; SIGTERM, then SIGKILL, if it does not."""
-    started = time.monotonic()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        log.warning("engine worker did not stop within %.0f s; terminating it", timeout)
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    log.info("engine worker exited with %s after %.1f s", proc.returncode, time.monotonic() - started)
+        elif self._sock is not None:
+            self._sock.close()
 
 
 def engine_environ(environ: Mapping[str, str]) -> dict[str, str]:

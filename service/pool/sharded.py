@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from service.backends.base import EngineStats, engines_start_together
+from service.backends.base import EngineCallFailed, EngineDead, EngineStats, engines_start_together
 from service.pipeline.balance import merge_arrays, plan_shards
 from service.pipeline.prompting import Overrides
 from service.pool import wire
@@ -84,26 +84,56 @@ class ShardedEngineClient:
             await worker.start()
 
     def alive(self) -> str | None:
-        return next((problem for w in self.workers if (problem := w.alive()) is not None), None)
+        """None while at least one worker is up (the others may be restarting), else why none is."""
+        if any(w.up for w in self.workers):
+            return None
+        return next((problem for w in self.workers if (problem := w.alive()) is not None), "no engine worker is up")
+
+    def _up(self) -> list[ProcessEngineClient]:
+        up = [w for w in self.workers if w.up]
+        if not up:
+            raise EngineDead(self.alive() or "no engine worker is up")
+        return up
 
     async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
-        if len(questions) == 1:
-            worker = min(self.workers, key=lambda w: w.pending())
+        """Over the workers that are up; a shard whose worker fails becomes item errors naming its indices.
+
+        Cancelling the caller cancels every shard's call (each worker aborts its questions).  Only when every
+        shard failed does the request fail as a whole (with the first shard's error).
+        """
+        up = self._up()
+        if len(questions) == 1 or len(up) == 1:
+            worker = min(up, key=lambda w: w.pending())
             return await worker.answer(questions, overrides)
-        shards = plan_shards(questions, self.workers[0].settings, overrides, len(self.workers))
+        shards = plan_shards(questions, self.workers[0].settings, overrides, len(up))
+        workers = up[:len(shards)]
         parts = await asyncio.gather(*(w.answer([questions[i] for i in shard], overrides)
-                                       for w, shard in zip(self.workers, shards, strict=False)))
+                                       for w, shard in zip(workers, shards, strict=True)), return_exceptions=True)
+        failed = [p for p in parts if isinstance(p, BaseException)]
+        if len(failed) == len(parts):
+            raise failed[0]
+        if unexpected := [p for p in failed if not isinstance(p, EngineDead | EngineCallFailed)]:
+            raise unexpected[0]
         errors: list[tuple[int, str]] = []
         by_route: dict[str, int] = {}
-        for shard, part in zip(shards, parts, strict=True):
+        arrays: list[bytes] = []
+        for worker, shard, part in zip(workers, shards, parts, strict=True):
+            if isinstance(part, BaseException):
+                log.error("%s failed its %d questions of a request: %s", worker.label, len(shard), part)
+                errors.extend((index, f"{worker.label}: {part}") for index in shard)
+                arrays.append(wire.Answers.of([""] * len(shard), [], 0, {}).texts_json)
+                continue
             errors.extend((shard[index], message) for index, message in part.errors)
             for route, count in part.tokens_by_route.items():
                 by_route[route] = by_route.get(route, 0) + count
-        texts = merge_arrays(shards, [p.texts_json for p in parts], len(questions))
-        return wire.Answers(texts, sorted(errors), sum(p.tokens for p in parts), by_route)
+            arrays.append(part.texts_json)
+        texts = merge_arrays(shards, arrays, len(questions))
+        tokens = sum(p.tokens for p in parts if isinstance(p, wire.Answers))
+        return wire.Answers(texts, sorted(errors), tokens, by_route)
 
     async def set_system_prompt(self, text: str) -> None:
-        await asyncio.gather(*(w.set_system_prompt(text) for w in self.workers))
+        """On every worker that is up (a restarting worker starts with the settings' system prompt)."""
+        await asyncio.gather(*(w.set_system_prompt(text) for w in self._up()))
 
     async def shutdown(self) -> None:
         from service.pool.procs import reap_children
@@ -117,4 +147,5 @@ def engine_client(settings: Settings, environ: Mapping[str, str]) -> ProcessEngi
     env = engine_environ(environ)
     if settings.engine_workers == 1:
         return ProcessEngineClient(settings, env)
-    return ShardedEngineClient([ProcessEngineClient(settings, env) for _ in range(settings.engine_workers)])
+    n = settings.engine_workers
+    return ShardedEngineClient([ProcessEngineClient(settings, env, f"engine worker {i + 1} of {n}") for i in range(n)])

@@ -54,6 +54,12 @@ class SetPrompt(Struct, tag=True):
     text: str
 
 
+class Cancel(Struct, tag=True):
+    """The caller of call ``id`` went away: stop it (its questions are aborted in the engine); no reply."""
+
+    id: int
+
+
 class Stop(Struct, tag=True):
     pass
 
@@ -65,6 +71,9 @@ class Hello(Struct, tag=True):
 
 
 class Failed(Struct, tag=True):
+    """Before Ready: the worker could not start (``code``: its exit code).  After Ready: its engine died and the
+    worker is exiting (code 4); the API process treats it as dead at once."""
+
     message: str
     code: int
 
@@ -88,20 +97,46 @@ class PromptSet(Struct, tag=True):
 
 
 class Dead(Struct, tag=True):
+    """Call ``id`` failed because the engine is gone (HTTP 503)."""
+
     id: int
     message: str
 
 
+class Error(Struct, tag=True):
+    """Call ``id`` raised in the worker (its traceback is in the worker's log); the engine is fine (HTTP 500)."""
+
+    id: int
+    message: str
+    kind: str  # the exception's class name
+
+
 class Stats(Struct, tag=True):
+    """The worker's ``EngineStats`` (same field names), pushed when they change."""
+
     in_flight: int
     peak_in_flight: int
     running: int
     peak_running: int
     waiting: int
     has_scheduler: bool
+    finished: int
+    generated: int
+
+    @classmethod
+    def of(cls, stats: Any) -> Stats:
+        """The frame for an ``EngineStats``."""
+        return cls(**{name: getattr(stats, name) for name in cls.__struct_fields__})
+
+    def into(self, stats: Any) -> None:
+        """Copy these values into an ``EngineStats``; peaks only grow (a restarted worker starts from 0)."""
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            setattr(stats, name, max(value, getattr(stats, name)) if name.startswith("peak_") else value)
 
 
-Message = Start | Ask | SetPrompt | Stop | Hello | Failed | Ready | Answered | PromptSet | Dead | Stats
+Message = (Start | Ask | SetPrompt | Cancel | Stop | Hello | Failed | Ready | Answered | PromptSet | Dead | Error
+           | Stats)
 _encoder = msgspec.msgpack.Encoder()
 _json_encoder = msgspec.json.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -1,9 +1,13 @@
 """``python -m service.pool.worker FD``: the engine worker, hosting a ``LocalEngineClient``.
 
-Started by ``ProcessEngineClient`` with one end of a socket pair.  It builds the settings from its
-environment (the API process's), imports the backend and says Hello (or Failed), then on Start loads
-the engine and answers Ask/SetPrompt messages concurrently until Stop or until the API process goes
-away; either way the engine and its processes are shut down before it exits.
+Started by ``ProcessEngineClient`` with one end of a socket pair, in a session of its own (its process
+group is its pid, and vLLM's processes join it).  It builds the settings from its environment (the API
+process's), imports the backend and says Hello (or Failed), then on Start loads the engine and answers
+Ask/SetPrompt messages concurrently until Stop or until the API process goes away; either way the engine
+and its processes are shut down before it exits.  Every call ends with its result or an error frame
+(Dead: the engine is gone; Error: the call raised, its traceback logged here once); a Cancel stops a call
+and aborts its questions in the engine.  When the engine dies, the worker answers its open calls with Dead
+and exits with code 4, so that the API process restarts it.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from service.backends import build_engine
 from service.backends.base import Engine, EngineDead, EngineStats, EngineUnavailable
 from service.pipeline.prompting import Overrides
 from service.pool import wire
-from service.pool.procs import freeze_heap, reap_children
+from service.pool.procs import become_subreaper, freeze_heap, reap_children
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("service")
@@ -98,65 +103,131 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-async def _push_stats(client: LocalEngineClient, writer: asyncio.StreamWriter) -> None:
+@dataclass(frozen=True)
+class Faults:
+    """FAULT_INJECT, for tests only: questions that make their call raise (``raise_on``) or hang (``hang_on``)."""
+
+    raise_on: tuple[str, ...] = ()
+    hang_on: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Faults:
+        """``raise_on=TEXT;hang_on=TEXT`` (either, both, or empty); ValueError naming what is allowed."""
+        found: dict[str, list[str]] = {"raise_on": [], "hang_on": []}
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            key, sep, value = part.partition("=")
+            if not sep or key.strip() not in found or not value:
+                raise ValueError(f"FAULT_INJECT={text!r}: allowed raise_on=TEXT and/or hang_on=TEXT, separated by ;")
+            found[key.strip()].append(value)
+        return cls(tuple(found["raise_on"]), tuple(found["hang_on"]))
+
+    async def apply(self, questions: list[str]) -> None:
+        for question in questions:
+            if any(text in question for text in self.raise_on):
+                raise RuntimeError("FAULT_INJECT: a question asked this call to fail (test-only fault switch)")
+            if any(text in question for text in self.hang_on):
+                log.warning("FAULT_INJECT: a question asked this call to hang (test-only fault switch)")
+                await asyncio.Event().wait()
+
+
+async def _watch(client: LocalEngineClient, writer: asyncio.StreamWriter, dead: asyncio.Future[str]) -> None:
+    """Push the engine's stats when they change; resolve ``dead`` with the reason once the engine has died."""
     last = None
     while True:
-        s = client.stats
-        now = (s.in_flight, s.peak_in_flight, s.running, s.peak_running, s.waiting, s.has_scheduler)
-        if now != last:
-            wire.send(writer, wire.Stats(*now))
-            last = now
+        frame = wire.Stats.of(client.stats)
+        if frame != last:
+            wire.send(writer, frame)
+            last = frame
+        if not dead.done() and (problem := client.alive()) is not None:
+            dead.set_result(problem)
         await asyncio.sleep(STATS_EVERY)
 
 
-async def _handle(client: LocalEngineClient, message: wire.Ask | wire.SetPrompt, writer: asyncio.StreamWriter) -> None:
+async def _handle(client: LocalEngineClient, message: wire.Ask | wire.SetPrompt, writer: asyncio.StreamWriter,
+                  faults: Faults) -> None:
+    """One call: its result, or an error frame for anything it raises. Cancelled (wire.Cancel): no reply."""
+    reply: wire.Message
     try:
         if isinstance(message, wire.Ask):
+            await faults.apply(message.questions)
             answers = await client.answer(message.questions, wire.overrides_in(message.overrides))
-            wire.send(writer, wire.Answered(message.id, answers))
+            reply = wire.Answered(message.id, answers)
         else:
             await client.set_system_prompt(message.text)
-            wire.send(writer, wire.PromptSet(message.id, client.system_prompt, client.chat_format))
+            reply = wire.PromptSet(message.id, client.system_prompt, client.chat_format)
+        body = wire.frame(reply)
+    except asyncio.CancelledError:
+        raise
     except EngineDead as exc:
-        wire.send(writer, wire.Dead(message.id, str(exc)))
-    await writer.drain()
+        body = wire.frame(wire.Dead(message.id, str(exc)))
+    except Exception as exc:  # every call ends: its caller gets the error, the traceback stays here
+        log.exception("call %d (%s) failed", message.id, type(message).__name__)
+        body = wire.frame(wire.Error(message.id, f"{type(exc).__name__}: {exc}", type(exc).__name__))
+    with contextlib.suppress(ConnectionError, RuntimeError):  # the API process may be gone
+        writer.write(body)
+        await writer.drain()
 
 
-async def serve(client: LocalEngineClient, sock: socket.socket) -> None:
+async def _receive(client: LocalEngineClient, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   calls: dict[int, asyncio.Task[None]], faults: Faults) -> None:
+    """Start a task per call, cancel one on Cancel; return on Stop or when the API process goes away."""
+    while True:
+        try:
+            message = await wire.recv(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.warning("the API process went away; stopping the engine")
+            return
+        if isinstance(message, wire.Stop):
+            return
+        if isinstance(message, wire.Cancel):
+            task = calls.pop(message.id, None)
+            if task is not None:
+                task.cancel()
+                log.info("call %d cancelled (its client went away): its questions are aborted", message.id)
+        elif isinstance(message, wire.Ask | wire.SetPrompt):
+            task = asyncio.create_task(_handle(client, message, writer, faults))
+            calls[message.id] = task
+            task.add_done_callback(lambda _, id_=message.id: calls.pop(id_, None))
+
+
+async def serve(client: LocalEngineClient, sock: socket.socket, faults: Faults = Faults()) -> int:
+    """Start the engine on Start, then answer calls until Stop; the exit code (4: the engine died)."""
     reader, writer = await asyncio.open_connection(sock=sock, limit=2**26)
     try:
         start = await wire.recv(reader)
     except (asyncio.IncompleteReadError, ConnectionError):
-        return
+        return 0
     if not isinstance(start, wire.Start):
-        return
-    tasks: set[asyncio.Task[None]] = set()
+        return 0
+    calls: dict[int, asyncio.Task[None]] = {}
+    background: list[asyncio.Task[None]] = []
     try:
         try:
             await client.start()
-        except (EngineUnavailable, EngineDead, OSError, RuntimeError, ValueError) as exc:
-            log.error("engine start-up failed: %s: %s", type(exc).__name__, exc)
+        except Exception as exc:  # any start-up failure ends in Failed with the reason, never in silence
+            log.exception("engine start-up failed")
             wire.send(writer, wire.Failed(f"{type(exc).__name__}: {exc}", 1))
             await writer.drain()
-            return
+            return 1
         freeze_heap("engine worker")  # before the first request, as vLLM's own server does
         wire.send(writer, wire.Ready(client.init_seconds, client.max_model_len, client.chat_format,
                                      client.system_prompt))
-        tasks.add(asyncio.create_task(_push_stats(client, writer)))
-        while True:
-            try:
-                message = await wire.recv(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                log.warning("the API process went away; stopping the engine")
-                break
-            if isinstance(message, wire.Stop):
-                break
-            if isinstance(message, wire.Ask | wire.SetPrompt):
-                task = asyncio.create_task(_handle(client, message, writer))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+        dead: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        background.append(asyncio.create_task(_watch(client, writer, dead)))
+        receiving = asyncio.create_task(_receive(client, reader, writer, calls, faults))
+        background.append(receiving)
+        await asyncio.wait({receiving, dead}, return_when=asyncio.FIRST_COMPLETED)
+        if not dead.done():
+            return 0
+        log.error("the engine died (%s); the engine worker exits so that it is restarted", dead.result())
+        for id_ in list(calls):
+            wire.send(writer, wire.Dead(id_, dead.result()))
+        wire.send(writer, wire.Failed(dead.result(), 4))  # the API process knows at once, not after our shutdown
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await writer.drain()
+        return 4
     finally:
-        for task in tasks:
+        for task in [*calls.values(), *background]:
             task.cancel()
         await client.shutdown()
         writer.close()
@@ -179,6 +250,7 @@ def main(argv: list[str]) -> int:
     with contextlib.suppress(OSError):
         os.setsid()
     _die_with_parent()
+    become_subreaper()  # a VLLM::Worker whose EngineCore died is re-parented here, and reaped at shutdown
     sock = socket.socket(fileno=int(argv[0]))
     try:
         settings = Settings.from_environ(os.environ)
@@ -189,6 +261,13 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s [service] %(message)s", stream=sys.stderr)
     _hide_own_vllm_variables()
     try:
+        faults = Faults.parse(settings.fault_inject)
+    except ValueError as exc:
+        wire.send_sync(sock, wire.Failed(str(exc), 2))
+        return 2
+    if faults != Faults():
+        log.warning("FAULT_INJECT=%r: test-only faults are switched on in this engine worker", settings.fault_inject)
+    try:
         engine = build_engine(settings)
         engine.check()
     except EngineUnavailable as exc:
@@ -198,17 +277,18 @@ def main(argv: list[str]) -> int:
     # SIGTERM (the API process died, or it gave up waiting) or SIGINT ends serve() cleanly.
     loop = asyncio.new_event_loop()
     client = LocalEngineClient(settings, engine)
-    main_task = loop.create_task(serve(client, sock))
+    main_task = loop.create_task(serve(client, sock, faults))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, main_task.cancel)
+    code = 0
     try:
-        loop.run_until_complete(main_task)
+        code = loop.run_until_complete(main_task)
     except asyncio.CancelledError:
         loop.run_until_complete(client.shutdown())
     finally:
         loop.close()
         reap_children()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

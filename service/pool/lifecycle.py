@@ -1,0 +1,271 @@
+"""The engine pool's lifecycle in one place: start, supervise, restart, stop (``async with Pool(...)``).
+
+Entered from the app's lifespan.  On entry the workers' engines start in the background (the port is
+already open and ``GET /`` says ``warming``), then the warmup runs and the pool turns ``ready``; any
+start-up failure, of any kind, ends in ``error`` with the reason.  While serving, a supervisor looks at
+every worker four times a second: a worker that died (end of its stream, its exit code, its engine's death,
+which makes the worker exit with code 4) or that is stuck (calls in flight and no progress for
+``ENGINE_STALL_TIMEOUT`` seconds) has its calls failed at once (HTTP 503, or item errors for its shard of a
+request spread over several workers), its whole process group SIGKILLed, and is restarted after 1 s, 2 s,
+4 s ... (at most ``BACKOFF_CAP``).  More than ``RESTART_LIMIT`` crashes within ``RESTART_WINDOW`` seconds
+are fatal: the pool logs the cause, marks itself ``fatal`` and sends SIGTERM to its own process, whose
+lifespan then stops everything and exits with code 1 (``service.http.app``).  On exit the supervisor stops
+and every worker is shut down, its process group included.  The helpers at the end end one worker process
+(``kill_tree``: its whole group, SIGKILL; ``stop_process``: a graceful stop) for ``ProcessEngineClient``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from service.pool.procs import assert_tree_gone, freeze_heap, group_alive, kill_group
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+POLL = 0.25  # seconds between two looks at the workers
+BACKOFF_CAP = 30.0  # the longest wait before a restart
+
+
+class Pool:
+    """Owns the engine client's lifecycle; ``health()`` says what ``GET /`` and ``/health/ready`` report."""
+
+    def __init__(self, settings: Settings, engine: Any, warmup: Callable[[], Awaitable[None]] | None = None):
+        self.settings = settings
+        self.engine = engine  # a ProcessEngineClient or a ShardedEngineClient
+        self.workers: list[Any] = list(engine.workers)
+        self.warmup = warmup
+        self.status = "warming"  # warming | ready | error
+        self.problem: str | None = None
+        self.fatal: str | None = None  # set when the restart limit was exceeded: the process exits with 1
+        self.ready_after: float | None = None
+        self.restarts = 0
+        self._crashes: deque[float] = deque()
+        self._started = time.monotonic()
+        self._main: asyncio.Task[None] | None = None
+        self._recovering: dict[int, asyncio.Task[None]] = {}
+
+    # --- entering and leaving -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Pool:
+        self.engine.check()  # a broken backend fails start-up now, with the reason, not after minutes
+        self._main = asyncio.create_task(self._run(), name="engine-pool")
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        tasks = [t for t in [self._main, *self._recovering.values()] if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        log.info("stopping the engine")
+        await self.engine.shutdown()
+        if not await asyncio.to_thread(assert_tree_gone):  # the whole tree is gone before we say so
+            log.info("engine stopped")
+
+    # --- what health reports --------------------------------------------------------------------
+
+    def serving(self) -> bool:
+        """Whether a request can be answered now (ready, and at least one worker up)."""
+        return self.status == "ready" and any(w.up for w in self.workers)
+
+    def degraded(self) -> str | None:
+        """``"1 of 2 engine workers restarting"`` while some (not all) workers are down."""
+        down = sum(1 for w in self.workers if not w.up)
+        if self.status != "ready" or down == 0 or down == len(self.workers):
+            return None
+        return f"{down} of {len(self.workers)} engine workers restarting"
+
+    def health(self) -> tuple[int, dict[str, str]]:
+        """(HTTP status, body) of ``GET /``: warming, batch/ok (perhaps degraded), or error (503)."""
+        if self.status == "error":
+            return 503, {"status": "error", "detail": self.problem or "engine failed"}
+        if self.status == "warming":
+            return 200, {"status": "warming"}
+        if not self.serving():
+            worker = self.workers[0]
+            detail = (f"{worker.label} is restarting; it failed: {worker.failure}" if worker.failure
+                      else worker.alive() or f"{worker.label} is restarting")
+            return 503, {"status": "error", "detail": detail}
+        body = {"status": "batch" if self.settings.batch_mode else "ok"}
+        if (degraded := self.degraded()) is not None:
+            body["degraded"] = degraded
+        if self.engine.notice:
+            body["backend"] = self.engine.name
+            body["notice"] = self.engine.notice
+        return 200, body
+
+    # --- start-up -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        if await self._boot():
+            await self._supervise()
+
+    async def _boot(self) -> bool:
+        """Load the engines, build the answerers, warm up; then ready (or error with the reason)."""
+        try:
+            await self.engine.start()
+            log.info("chat formatting: %s", "fast <|im_start|> path (byte-identical to the template)"
+                     if self.engine.chat_format == "fast" else "the tokenizer's chat template")
+            if self.warmup is not None:
+                await self.warmup()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # whatever went wrong, health says so: never `warming` forever
+            self.status, self.problem = "error", f"{type(exc).__name__}: {exc}"
+            log.error("engine start-up failed: %s", self.problem)
+            return False
+        freeze_heap("API process")  # start-up and warmup objects stay out of later collections
+        self.status, self.ready_after = "ready", time.monotonic() - self._started
+        log.info("ready after %.1f s (backend %s)", self.ready_after, self.engine.name)
+        return True
+
+    # --- supervision ----------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        timeout = self.settings.engine_stall_timeout
+        while True:
+            for index, worker in enumerate(self.workers):
+                if index in self._recovering or worker.state != "up":
+                    continue
+                problem = worker.alive() or worker.stalled(timeout)
+                if problem is not None:
+                    task = asyncio.create_task(self._recover(worker, problem), name=f"restart-{worker.label}")
+                    self._recovering[index] = task
+                    task.add_done_callback(lambda _, i=index: self._recovering.pop(i, None))
+            await asyncio.sleep(POLL)
+
+    async def _recover(self, worker: Any, problem: str) -> None:
+        """Kill the worker's whole process group, then restart it with backoff, within the restart limit."""
+        s = self.settings
+        while True:
+            log.error("%s failed: %s", worker.label, problem)
+            await worker.kill(problem)  # its calls end now; no process of its group is left
+            now = time.monotonic()
+            self._crashes.append(now)
+            while self._crashes and self._crashes[0] < now - s.restart_window:
+                self._crashes.popleft()
+            crashes = len(self._crashes)
+            if crashes > s.restart_limit:
+                self._give_up(worker, crashes, problem)
+                return
+            delay = min(BACKOFF_CAP, 2.0 ** (crashes - 1))
+            log.warning("restarting %s in %.0f s (crash %d within RESTART_WINDOW=%d s; RESTART_LIMIT=%d)",
+                        worker.label, delay, crashes, s.restart_window, s.restart_limit)
+            await asyncio.sleep(delay)
+            started = time.monotonic()
+            try:
+                await worker.restart()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                problem = f"its restart failed: {type(exc).__name__}: {exc}"
+                continue
+            self.restarts += 1
+            log.info("%s restarted in %.1f s (pid %s)", worker.label, time.monotonic() - started, worker.pid)
+            return
+
+    def _give_up(self, worker: Any, crashes: int, problem: str) -> None:
+        """Too many crashes: say why, then stop this process (SIGTERM; the lifespan exits with code 1)."""
+        s = self.settings
+        self.fatal = (f"{worker.label} failed {crashes} times within RESTART_WINDOW={s.restart_window} s, more than "
+                      f"RESTART_LIMIT={s.restart_limit} allows (last: {problem}); stopping the service with exit "
+                      f"code 1 so that its supervisor takes over")
+        self.status, self.problem = "error", self.fatal
+        log.critical("%s", self.fatal)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# --- ending a worker process ----------------------------------------------------------------------
+
+
+def exit_code(proc: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
+    """The worker's exit code, waiting up to ``timeout`` s for it (None: still running)."""
+    if proc is None:
+        return None
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def describe_exit(code: int | None) -> str:
+    """An exit code in words: ``killed by SIGKILL``, ``its engine died (exit code 4)``, ``exit code 1``."""
+    if code is None:
+        return "its connection closed while it still runs"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return "its engine died (exit code 4)" if code == 4 else f"exit code {code}"
+
+
+def kill_tree(proc: subprocess.Popen[bytes], label: str, hard: bool = True) -> None:
+    """End the worker's whole process group (the worker, vLLM's EngineCore and Workers); reap the worker.
+
+    ``hard``: SIGKILL at once (a crashed or stuck worker); else what is left of the group after the worker
+    exited gets SIGTERM, then SIGKILL.  Returns once no process of the group is alive.
+    """
+    pgid = proc.pid  # the worker leads a session of its own (start_new_session)
+    if hard:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    kill_group(pgid, timeout=0 if hard else 10)
+    _reap_group(pgid)
+    if left := group_alive(pgid):
+        log.error("%s: processes %s of its group are still alive", label, left)
+
+
+def _reap_group(pgid: int, timeout: float = 2.0) -> None:
+    """Collect the exit status of this process's children in group ``pgid`` (orphans it adopted as subreaper).
+
+    An orphan is re-parented to this process only once its own parent has exited, so some may come late.
+    """
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        children = []
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process().children():
+                with contextlib.suppress(psutil.Error, OSError):
+                    if os.getpgid(child.pid) == pgid:
+                        children.append(child)
+        for child in children:
+            with contextlib.suppress(psutil.Error, OSError):
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(child.pid, os.WNOHANG)
+        if not children or time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for the worker to stop its engine and exit; SIGTERM, then SIGKILL, if it does not."""
+    started = time.monotonic()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("engine worker did not stop within %.0f s; terminating it", timeout)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    log.info("engine worker exited with %s after %.1f s", proc.returncode, time.monotonic() - started)
