@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from env import layer, preset_names
 from service.backends.base import EngineUnavailable
 from service.backends.vllm_engine import engine_args, speculative_config, stop_token_ids
 from service.pipeline.warmup import load_questions
@@ -17,58 +19,94 @@ def settings(**env: str) -> Settings:
     return Settings.from_environ(env)
 
 
+def vllm_accepts(args: dict[str, Any]) -> Any:
+    """vLLM's own ``EngineArgs`` built from ``args`` (as the worker builds it): an unknown key, a wrong type
+    or an invalid compilation setting raises here. The engine config itself is too heavy to build on a CPU."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(**args)
+
+
 def test_engine_knobs_reach_the_engine_arguments() -> None:
-    args = engine_args(settings(
+    engine = vllm_accepts(engine_args(settings(
         MAX_MODEL_LEN="2048", GPU_MEMORY_UTILIZATION="0.5", DTYPE="bfloat16", ENABLE_PREFIX_CACHING="0",
         VLLM_QUANTIZATION="fp8", VLLM_KV_CACHE_DTYPE="fp8", VLLM_LOAD_FORMAT="safetensors",
         VLLM_MAX_NUM_SEQS="4096", VLLM_MAX_NUM_BATCHED_TOKENS="65536", TENSOR_PARALLEL_SIZE="2",
         PIPELINE_PARALLEL_SIZE="2", DATA_PARALLEL_SIZE="2", DISTRIBUTED_EXECUTOR_BACKEND="ray",
-        ENFORCE_EAGER="1", VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE="1024", SEED="7",
-    ))
-    assert args["max_model_len"] == 2048 and args["gpu_memory_utilization"] == 0.5
-    assert args["dtype"] == "bfloat16" and args["enable_prefix_caching"] is False
-    assert args["quantization"] == "fp8" and args["kv_cache_dtype"] == "fp8"
-    assert args["load_format"] == "safetensors"
-    assert args["max_num_seqs"] == 4096 and args["max_num_batched_tokens"] == 65536
-    assert (args["tensor_parallel_size"], args["pipeline_parallel_size"], args["data_parallel_size"]) == (2, 2, 2)
-    assert args["distributed_executor_backend"] == "ray" and args["enforce_eager"] is True
-    assert args["max_cudagraph_capture_size"] == 1024 and args["seed"] == 7
-    assert "speculative_config" not in args
+        ENFORCE_EAGER="1", VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE="1024", SEED="7", MODEL_DIR="/models/m",
+    )))
+    assert engine.model == "/models/m"
+    assert engine.max_model_len == 2048 and engine.gpu_memory_utilization == 0.5
+    assert engine.dtype == "bfloat16" and engine.enable_prefix_caching is False
+    assert engine.quantization == "fp8" and engine.kv_cache_dtype == "fp8"
+    assert engine.load_format == "safetensors"
+    assert engine.max_num_seqs == 4096 and engine.max_num_batched_tokens == 65536
+    assert (engine.tensor_parallel_size, engine.pipeline_parallel_size, engine.data_parallel_size) == (2, 2, 2)
+    assert engine.distributed_executor_backend == "ray" and engine.enforce_eager is True
+    assert engine.max_cudagraph_capture_size == 1024 and engine.seed == 7
+    assert engine.speculative_config is None
 
 
 def test_empty_knobs_are_left_to_the_engine() -> None:
-    args = engine_args(settings(VLLM_MAX_NUM_SEQS="", VLLM_QUANTIZATION=""))
+    from vllm.engine.arg_utils import EngineArgs
+
+    engine = vllm_accepts(engine_args(settings(VLLM_MAX_NUM_SEQS="", VLLM_QUANTIZATION="")))
+    default = EngineArgs(model=engine.model)
     for key in ("max_num_seqs", "max_num_batched_tokens", "quantization", "kv_cache_dtype",
                 "distributed_executor_backend", "max_cudagraph_capture_size", "kv_cache_memory_bytes",
                 "compilation_config", "cudagraph_capture_sizes"):
-        assert key not in args, key
+        assert getattr(engine, key) == getattr(default, key), key
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_gives_arguments_vllm_accepts(preset: str) -> None:
+    s = Settings.from_environ({k: v.value for k, v in layer({}, preset).items()})
+    engine = vllm_accepts(engine_args(s))
+    assert engine.max_model_len == s.max_model_len and engine.seed == s.seed
 
 
 def test_compilation_and_kv_cache_knobs_reach_the_engine() -> None:
-    args = engine_args(settings(VLLM_COMPILATION_MODE="none", VLLM_CUDAGRAPH_MODE="Full_Decode_Only",
-                                VLLM_KV_CACHE_MEMORY_BYTES="10GiB"))
-    assert args["compilation_config"] == {"mode": "NONE", "cudagraph_mode": "FULL_DECODE_ONLY"}
-    assert args["kv_cache_memory_bytes"] == 10 * 2**30
-    assert engine_args(settings(VLLM_CUDAGRAPH_MODE="full"))["compilation_config"] == {"cudagraph_mode": "FULL"}
-    sizes = engine_args(settings(VLLM_CUDAGRAPH_CAPTURE_SIZES="2048,1,256,8", VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE=""))
-    assert sizes["cudagraph_capture_sizes"] == [1, 8, 256, 2048]
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    engine = vllm_accepts(engine_args(settings(VLLM_COMPILATION_MODE="none", VLLM_CUDAGRAPH_MODE="Full_Decode_Only",
+                                               VLLM_KV_CACHE_MEMORY_BYTES="10GiB")))
+    assert engine.compilation_config.mode == CompilationMode.NONE
+    assert engine.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_DECODE_ONLY
+    assert engine.kv_cache_memory_bytes == 10 * 2**30
+    full = vllm_accepts(engine_args(settings(VLLM_CUDAGRAPH_MODE="full"))).compilation_config
+    assert full.cudagraph_mode == CUDAGraphMode.FULL and full.mode is None  # the mode is left to vLLM
+    sizes = vllm_accepts(engine_args(settings(VLLM_CUDAGRAPH_CAPTURE_SIZES="2048,1,256,8",
+                                              VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE="")))
+    assert sizes.cudagraph_capture_sizes == [1, 8, 256, 2048] and sizes.max_cudagraph_capture_size is None
     for raw, expected in (("12884901888", 12884901888), ("8G", 8 * 10**9), ("512MiB", 512 * 2**20), ("1.5GiB", 3 * 2**29)):
         assert settings(VLLM_KV_CACHE_MEMORY_BYTES=raw).vllm_kv_cache_memory_bytes == expected, raw
 
 
 def test_ngram_speculation() -> None:
-    spec = engine_args(settings(ENABLE_SPECULATIVE_DECODING="1"))["speculative_config"]
-    assert spec == {"method": "ngram", "num_speculative_tokens": 6, "prompt_lookup_max": 8, "prompt_lookup_min": 1}
+    from vllm.config import SpeculativeConfig
+
+    engine = vllm_accepts(engine_args(settings(ENABLE_SPECULATIVE_DECODING="1", SPEC_METHOD="ngram",
+                                               SPEC_NUM_SPECULATIVE_TOKENS="5", SPEC_NGRAM_LOOKUP_MAX="7",
+                                               SPEC_NGRAM_LOOKUP_MIN="2")))
+    spec = SpeculativeConfig(**engine.speculative_config)  # vLLM validates it (names, types, min <= max)
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min) == \
+        ("ngram", 5, 7, 2)
 
 
 def test_draft_model_speculation(tmp_path: Path) -> None:
+    import dataclasses
+
+    from vllm.config import SpeculativeConfig
+
     draft = tmp_path / "draft"
     draft.mkdir()
     (draft / "config.json").write_text("{}")
     env = {"ENABLE_SPECULATIVE_DECODING": "1", "SPEC_METHOD": "draft_model", "SPEC_DRAFT_MODEL_ID": "x/draft",
            "SPEC_DRAFT_MODEL_DIR": str(draft), "SPEC_NUM_SPECULATIVE_TOKENS": "4"}
-    assert speculative_config(settings(**env)) == {"method": "draft_model", "model": str(draft),
-                                                   "num_speculative_tokens": 4}
+    spec = vllm_accepts(engine_args(settings(**env))).speculative_config
+    # Building vLLM's SpeculativeConfig for a draft loads the draft model: check the names it takes instead.
+    assert set(spec) <= {f.name for f in dataclasses.fields(SpeculativeConfig)}, spec
+    assert (spec["method"], spec["model"], spec["num_speculative_tokens"]) == ("draft_model", str(draft), 4)
 
 
 def test_missing_draft_optional_turns_speculation_off_required_fails(tmp_path: Path) -> None:

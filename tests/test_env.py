@@ -174,20 +174,26 @@ def test_unknown_preset_is_a_one_line_error_with_exit_2():
         assert "demo" in errors[0] and "Traceback" not in done.stderr
 
 
-def test_invalid_preset_line_is_a_one_line_error_with_exit_2():
+def inv_with_presets(preset_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``inv`` reading its presets from ``preset_dir`` instead of env/ (the shipped presets stay untouched)."""
+    code = ("import sys; from pathlib import Path; import env.layering; "
+            "env.layering.PRESET_DIR = Path(sys.argv.pop(1)); from invoke.main import program; program.run()")
+    return subprocess.run([sys.executable, "-c", code, str(preset_dir), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=clean_env(), timeout=120)
+
+
+def test_invalid_preset_line_is_a_one_line_error_with_exit_2(tmp_path: Path):
     name = f"zz-test-bad-{uuid.uuid4().hex[:8]}"
-    path = ROOT / "env" / f"{name}.env"
-    path.write_text("MAX_MODEL_LEN=2048\nthis line is not an assignment\n")
-    try:
-        for task in ("env", "run"):
-            done = inv(task, "--preset", name)
-            assert done.returncode == 2, (task, done.stderr)
-            errors = [line for line in done.stderr.splitlines() if name in line]
-            assert len(errors) == 1, done.stderr
-            assert f"{name}.env:2" in errors[0] and "this line is not an assignment" in errors[0]
-            assert "Traceback" not in done.stderr
-    finally:
-        path.unlink()
+    shutil.copy(ROOT / "env" / "defaults.env", tmp_path / "defaults.env")
+    (tmp_path / f"{name}.env").write_text("MAX_MODEL_LEN=2048\nthis line is not an assignment\n")
+    for task in ("env", "run"):
+        done = inv_with_presets(tmp_path, task, "--preset", name)
+        assert done.returncode == 2, (task, done.stderr)
+        errors = [line for line in done.stderr.splitlines() if name in line]
+        assert len(errors) == 1, done.stderr
+        assert f"{tmp_path / name}.env:2" in errors[0] and "this line is not an assignment" in errors[0]
+        assert "Traceback" not in done.stderr
+    assert not list((ROOT / "env").glob("zz-test-*")), "nothing written into env/"
 
 
 def test_every_flag_has_help():

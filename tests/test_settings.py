@@ -135,8 +135,13 @@ def test_multi_gpu_knobs_parse() -> None:
     ("name", "value", "allowed"),
     [
         ("MAX_MODEL_LEN", "abc", "integer"),
-        ("TOP_P", "5", "1.0]"),
-        ("TEMPERATURE", "-1", "[0.0, 5.0]"),
+        ("TOP_P", "5", "(0, 1]"),
+        ("TEMPERATURE", "-1", "[0, 2]"),
+        ("TEMPERATURE", "3", "[0, 2]"),
+        ("TOP_K", "-2", "[-1, 2^63-1]"),
+        ("TOP_K", "1.5", "integer"),
+        ("REPETITION_PENALTY", "0", "(0, inf)"),
+        ("FREQUENCY_PENALTY", "2.5", "[-2, 2]"),
         ("USE_VLLM", "maybe", "true, false, auto"),
         ("ENABLE_PREFIX_CACHING", "perhaps", "true/false"),
         ("PORT", "70000", "65535"),
@@ -305,3 +310,25 @@ def test_every_shipped_preset_gives_valid_settings(preset: str) -> None:
     values = {k: v.value for k, v in layer({}, preset, force=True).items()}
     settings = Settings.from_environ(values)
     assert settings.engine_workers * settings.gpu_memory_utilization <= 1.0
+
+
+# --- one true/false parser (env/values.py) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "value"), [("1", True), ("TRUE", True), (" yes ", True), ("On", True),
+                                             ("0", False), ("false", False), ("No", False), ("off", False)])
+def test_one_parser_reads_every_switch_spelling(text: str, value: bool) -> None:
+    from env.values import is_on, parse_bool
+
+    assert parse_bool(text) is value and is_on(text) is value
+
+
+@pytest.mark.parametrize("text", ["", "ture", "2", "enabled"])
+def test_the_strict_parser_names_what_is_allowed_and_the_lenient_one_says_off(text: str) -> None:
+    from env.values import is_on, parse_bool
+
+    with pytest.raises(ValueError, match="allowed: 1/0, true/false, yes/no, on/off"):
+        parse_bool(text)
+    assert is_on(text) is False
+    if text:
+        assert any("DISABLE_TOKEN_ROUTING" in p for p in problems(DISABLE_TOKEN_ROUTING=text))
