@@ -20,7 +20,6 @@ from service.backends.base import EngineDead, timing_level
 from service.http.errors import ClientError, error_response, json_response
 from service.http.metrics import CONTENT_TYPE, Metrics
 from service.http.schemas import ItemError, PredictResponse, SystemPrompt, decode_predict, decode_system_prompt
-from service.pipeline.prompting import Overrides
 from service.pool.client import EngineClient
 from service.pool.lifecycle import Pool
 from service.settings import Settings
@@ -126,8 +125,7 @@ def routes(state: QAState) -> list[HTTPRouteHandler]:
             raise ClientError(400, "validation_error",
                               f"max_new_tokens={req.max_new_tokens}: allowed 1..{limit - 1} (MAX_MODEL_LEN={limit})",
                               "max_new_tokens")
-        overrides = Overrides(req.max_new_tokens, req.temperature, req.top_p, req.top_k,
-                              req.repetition_penalty, req.frequency_penalty)
+        overrides = req.overrides()
         started = time.perf_counter()
         try:
             result = await unless_disconnected(request, engine.answer(questions, overrides))

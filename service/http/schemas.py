@@ -9,9 +9,10 @@ import msgspec
 from msgspec import Meta, Struct
 
 from service.pipeline.limits import LIMITS, problems
+from service.pipeline.prompting import Overrides
 
 
-class PredictRequest(Struct, forbid_unknown_fields=True):
+class PredictRequest(Overrides, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """``{"prompt": "question"}`` or ``{"prompt": [q1, q2, ...]}`` with optional decoding overrides.
 
     The types are checked by msgspec; the ranges are the engine's, checked by ``check_sampling`` against
@@ -19,12 +20,10 @@ class PredictRequest(Struct, forbid_unknown_fields=True):
     """
 
     prompt: str | list[str]
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
+
+    def overrides(self) -> Overrides:
+        """The decoding overrides of this request, without the questions."""
+        return Overrides(**{name: getattr(self, name) for name in Overrides.__struct_fields__})
 
 
 class ItemError(Struct):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
+import msgspec
+
 from service.settings import Settings
 
 HARD_CODE_SIGNALS = ("kernel<<<", "global void", "__global__", "#include")
@@ -115,9 +117,12 @@ class Formatter:
         return [self._template(q) for q in questions]
 
 
-@dataclass(frozen=True, slots=True)
-class Overrides:
-    """Per-request overrides of the decoding settings (None: the setting's value)."""
+class Overrides(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-request overrides of the decoding settings (None: the setting's value).
+
+    Named once: ``/predict``'s body schema extends it (``service.http.schemas.PredictRequest``), and the
+    wire's ``Ask`` message carries it as it is, so a field is added here and nowhere else.
+    """
 
     max_new_tokens: int | None = None
     temperature: float | None = None

@@ -269,7 +269,7 @@ class ProcessEngineClient:
         return reply
 
     async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
-        reply = await self._call(lambda id_: wire.Ask(id_, questions, wire.overrides_out(overrides)))
+        reply = await self._call(lambda id_: wire.Ask(id_, questions, overrides))
         return reply.answers
 
     async def set_system_prompt(self, text: str) -> None:

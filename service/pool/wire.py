@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import socket
 import struct
 from typing import Any
@@ -46,7 +45,7 @@ class Start(Struct, tag=True):
 class Ask(Struct, tag=True):
     id: int
     questions: list[str]
-    overrides: dict[str, Any]
+    overrides: Overrides
 
 
 class SetPrompt(Struct, tag=True):
@@ -173,11 +172,3 @@ def recv_sync(sock: socket.socket) -> Message:
 
     (size,) = _LEN.unpack(exactly(_LEN.size))
     return _decoder.decode(exactly(size))
-
-
-def overrides_out(o: Overrides) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(o).items() if v is not None}
-
-
-def overrides_in(values: dict[str, Any]) -> Overrides:
-    return Overrides(**values)

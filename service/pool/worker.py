@@ -150,7 +150,7 @@ async def _handle(client: LocalEngineClient, message: wire.Ask | wire.SetPrompt,
     try:
         if isinstance(message, wire.Ask):
             await faults.apply(message.questions)
-            answers = await client.answer(message.questions, wire.overrides_in(message.overrides))
+            answers = await client.answer(message.questions, message.overrides)
             reply = wire.Answered(message.id, answers)
         else:
             await client.set_system_prompt(message.text)
