@@ -113,18 +113,13 @@ def routes(state: QAState) -> list[HTTPRouteHandler]:
         body = await request.body()
         if not body.strip():
             raise ClientError(400, "empty_body", 'the body is empty: send {"prompt": "question"} or a list')
-        req = decode_predict(body)
+        req = decode_predict(body, engine.max_model_len)  # the engine's ranges, max_new_tokens < context
         questions = _questions(req.prompt, settings.max_batch_questions)
         if not pool.serving():
             _, health_body = pool.health()
             raise EngineDead(f"not ready ({health_body['status']}"
                              f"{': ' + health_body['detail'] if 'detail' in health_body else ''}): "
                              "retry when GET / says ready")
-        limit = engine.max_model_len
-        if req.max_new_tokens is not None and req.max_new_tokens >= limit:
-            raise ClientError(400, "validation_error",
-                              f"max_new_tokens={req.max_new_tokens}: allowed 1..{limit - 1} (MAX_MODEL_LEN={limit})",
-                              "max_new_tokens")
         overrides = req.overrides()
         started = time.perf_counter()
         try:
