@@ -51,7 +51,8 @@ class Ceiling:
         started = time.perf_counter()  # the import is part of the engine's own start-up, as in the service
         from vllm import LLM
 
-        from service.backends.vllm_engine import engine_args, stop_token_ids
+        from service.backends.tokens import stop_token_ids
+        from service.backends.vllm_args import engine_args
         from service.pipeline.prompting import Formatter, Planner
         from service.pool.procs import freeze_heap
 
@@ -75,7 +76,7 @@ class Ceiling:
         """One ``LLM.generate`` of every question; ``variant`` changes one thing (for the breakdown)."""
         from vllm import SamplingParams
 
-        from service.backends.vllm_engine import decode_answers, encode_prompts
+        from service.backends.tokens import decode_answers, encode_prompts
 
         started = time.perf_counter()
         plans = self.planner.plan(questions)

@@ -10,7 +10,8 @@ import pytest
 
 from env import layer, preset_names
 from service.backends.base import EngineUnavailable
-from service.backends.vllm_engine import engine_args, speculative_config, stop_token_ids
+from service.backends.tokens import stop_token_ids
+from service.backends.vllm_args import engine_args, speculative_config
 from service.pipeline.warmup import load_questions
 from service.settings import Settings
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from service.backends.vllm_engine import encode_prompts
+from service.backends.tokens import encode_prompts
 from service.http.schemas import PredictResponse
 from service.pipeline.balance import merge_arrays
 from service.pool import wire

@@ -17,12 +17,13 @@ from typing import Any
 from service.backends.base import (
     EngineDead,
     EngineStats,
-    EngineUnavailable,
     Item,
     Outcome,
     require_import,
     timing_level,
 )
+from service.backends.tokens import decode_answers, encode_prompts
+from service.backends.vllm_args import engine_args
 from service.pool.procs import reap_children
 from service.settings import Settings
 
@@ -35,104 +36,14 @@ VLLM_HINT = (
 )
 
 
-def engine_args(s: Settings) -> dict[str, Any]:
-    """``AsyncEngineArgs`` keyword arguments from the settings (shared with the benchmark's ceiling)."""
-    args: dict[str, Any] = {
-        "model": str(s.model_dir),
-        "dtype": s.dtype,
-        "max_model_len": s.max_model_len,
-        "gpu_memory_utilization": s.gpu_memory_utilization,
-        "enable_prefix_caching": s.enable_prefix_caching,
-        "load_format": s.vllm_load_format,
-        "tensor_parallel_size": s.tensor_parallel_size,
-        "pipeline_parallel_size": s.pipeline_parallel_size,
-        "data_parallel_size": s.data_parallel_size,
-        "enforce_eager": s.enforce_eager,
-        "seed": s.seed,
-    }
-    optional = {
-        "quantization": s.vllm_quantization,
-        "kv_cache_dtype": s.vllm_kv_cache_dtype,
-        "max_num_seqs": s.vllm_max_num_seqs,
-        "max_num_batched_tokens": s.vllm_max_num_batched_tokens,
-        "distributed_executor_backend": s.distributed_executor_backend,
-        "max_cudagraph_capture_size": s.vllm_max_cudagraph_capture_size,
-        "async_scheduling": s.vllm_async_scheduling,
-        "kv_cache_memory_bytes": s.vllm_kv_cache_memory_bytes,
-        "cudagraph_capture_sizes": list(s.vllm_cudagraph_capture_sizes) if s.vllm_cudagraph_capture_sizes else None,
-    }
-    args.update({k: v for k, v in optional.items() if v is not None})
-    compilation = {"mode": s.vllm_compilation_mode, "cudagraph_mode": s.vllm_cudagraph_mode}
-    if any(compilation.values()):
-        args["compilation_config"] = {k: v.upper() for k, v in compilation.items() if v is not None}
-    spec = speculative_config(s)
-    if spec is not None:
-        args["speculative_config"] = spec
-    return args
 
 
-def speculative_config(s: Settings) -> dict[str, Any] | None:
-    """vLLM's speculative config from SPEC_*; None when off (or an optional draft is missing)."""
-    if not s.enable_speculative_decoding:
-        return None
-    if s.spec_method == "ngram":
-        return {
-            "method": "ngram",
-            "num_speculative_tokens": s.spec_num_speculative_tokens,
-            "prompt_lookup_max": s.spec_ngram_lookup_max,
-            "prompt_lookup_min": s.spec_ngram_lookup_min,
-        }
-    if not (s.spec_draft_model_dir / "config.json").is_file():
-        message = f"draft model for SPEC_METHOD={s.spec_method} not found in {s.spec_draft_model_dir}"
-        if s.spec_draft_optional:
-            log.warning("%s; SPEC_DRAFT_OPTIONAL=1, so speculative decoding is off", message)
-            return None
-        raise EngineUnavailable(f"{message} (SPEC_DRAFT_OPTIONAL=0): run `inv download` or fix SPEC_DRAFT_MODEL_DIR")
-    return {"method": s.spec_method, "model": str(s.spec_draft_model_dir),
-            "num_speculative_tokens": s.spec_num_speculative_tokens}
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """The tokenizer's end-of-turn tokens (Qwen's ``<|im_end|>`` and ``<|endoftext|>``) and its EOS."""
-    ids: set[int] = set()
-    vocab = tokenizer.get_vocab()
-    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-        if token in vocab:
-            ids.add(vocab[token])
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
 
 
-def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
-    """Token ids of many prompts in one call; the fast tokenizer spreads it over the cores.
-
-    The Rust tokenizer's ``encode_batch_fast`` gives the ids that ``tokenizer(prompts)`` gives, without the
-    offsets, masks and per-prompt Python dicts that call builds (25 ms instead of 43 ms for 1,229 prompts on
-    the CPU). Used only when the Rust tokenizer truncates and pads nothing, as ``tokenizer(prompts)`` does.
-    """
-    rust = getattr(tokenizer, "_tokenizer", None)
-    if rust is not None and rust.truncation is None and rust.padding is None:
-        batch = getattr(rust, "encode_batch_fast", None) or rust.encode_batch  # _fast: tokenizers >= 0.21
-        return [encoding.ids for encoding in batch(prompts, add_special_tokens=False)]
-    return tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
 
-def decode_answers(tokenizer: Any, token_ids: list[Any]) -> list[str]:
-    """Answers generated with ``detokenize=False``, decoded in one batch call as vLLM's detokenizer would.
-
-    vLLM's incremental detokenizer skips special tokens and holds back an incomplete UTF-8 character
-    at the end (an answer cut off by its token budget); the one-shot decode would show that as U+FFFD.
-    """
-    if not token_ids:
-        return []
-    lists = [list(ids) for ids in token_ids]
-    rust = getattr(tokenizer, "_tokenizer", None)  # the fast tokenizer's own (what vLLM's detokenizer steps)
-    if rust is not None and hasattr(rust, "decode_batch"):
-        texts = rust.decode_batch(lists, skip_special_tokens=True)
-    else:
-        texts = tokenizer.batch_decode(lists, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return [text.rstrip("\ufffd") for text in texts]
 
 
 def rejected_errors() -> tuple[type[Exception], ...]:

@@ -17,7 +17,7 @@ class Answerer:
     """Built once the engine is up (it needs the tokenizer); the system prompt can be replaced."""
 
     def __init__(self, settings: Settings, engine: Engine, system_prompt: str):
-        from service.backends.vllm_engine import stop_token_ids
+        from service.backends.tokens import stop_token_ids
 
         self.settings = settings
         self.engine = engine
