@@ -53,7 +53,7 @@ def run(c: Context, preset: str = "defaults", force: bool = False, skip_install:
     "force": FORCE_HELP,
     "export": "print `export KEY='value'` lines for bash/direnv (eval \"$(inv env --export)\", >> ~/.envrc)",
     "explain": "show where each value comes from (shell, defaults.env, <preset>.env) and what the shell shadows",
-    "show_secrets": "include secrets (MODELSCOPE_API_TOKEN, ADMIN_TOKEN) instead of omitting/masking them",
+    "show_secrets": "include secrets (MODELSCOPE_API_TOKEN, ADMIN_TOKEN, API_KEY) instead of omitting/masking them",
 })
 def env(c: Context, preset: str = "defaults", force: bool = False, export: bool = False, explain: bool = False,
         show_secrets: bool = False) -> None:

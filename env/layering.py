@@ -24,7 +24,7 @@ from env.layout import AUTO, LAYOUT_KEYS, Hardware, ModelShape, derive, probe_ha
 PRESET_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PRESET_DIR.parent
 DEFAULTS = "defaults"
-SECRETS = frozenset({"MODELSCOPE_API_TOKEN", "ADMIN_TOKEN"})
+SECRETS = frozenset({"MODELSCOPE_API_TOKEN", "ADMIN_TOKEN", "API_KEY"})
 
 _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 

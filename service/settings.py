@@ -67,6 +67,9 @@ class Settings:
     log_level: str = var(_level, "Log level of the service.")
     shutdown_timeout: int = var(_int(0, 3600), "Seconds in-flight requests may run on after SIGTERM.")
     admin_token: str = var(_text, "Token for POST /system_prompt; empty: loopback clients only.", secret=True)
+    api_key: str = var(_text, "Key the OpenAI-compatible /v1 routes require as `Authorization: Bearer`; empty: open.",
+                       secret=True)
+    served_model_name: str = var(_text, "Model id of the /v1 routes; empty: MODEL_ID.")
     max_request_bytes: int = var(_int(1024), "Largest accepted request body in bytes.")
     max_batch_questions: int = var(_int(1), "Most questions in one request.")
     # model

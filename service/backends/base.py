@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +30,15 @@ class EngineCallFailed(RuntimeError):
     def __init__(self, message: str, kind: str = "RuntimeError"):
         super().__init__(message)
         self.kind = kind
+
+
+class EngineRejected(ValueError):
+    """The engine refused a call before doing any work (a prompt longer than the context, a value it rejects):
+    the request gets HTTP 400 naming ``param``; ``code`` is OpenAI's (``context_length_exceeded``)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 @dataclass(slots=True)
@@ -102,6 +112,13 @@ class Engine(Protocol):
 
     async def generate(self, items: list[Item]) -> list[Outcome]:
         """Answer every item, each on its own: a bad item gets ``Outcome.error``; EngineDead fails all."""
+
+    def stream(self, prompt: list[int], sampling: dict[str, Any], delta: bool) -> AsyncIterator[Any]:
+        """One prompt's vLLM ``RequestOutput``s: each step's new tokens (``delta``) or only the final one.
+
+        Stopping the iteration (or cancelling its task) aborts the request in the engine.  EngineRejected
+        when the engine refuses it, EngineDead when the engine is gone.
+        """
 
     async def shutdown(self) -> None:
         """Stop the engine and every process it started."""

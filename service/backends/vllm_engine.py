@@ -12,10 +12,12 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from service.backends.base import (
     EngineDead,
+    EngineRejected,
     EngineStats,
     Item,
     Outcome,
@@ -281,6 +283,70 @@ class VllmEngine:
             else:
                 out.append(result)
         return out
+
+    async def stream(self, prompt: list[int], sampling: dict[str, Any], delta: bool) -> AsyncIterator[Any]:
+        """One prompt's ``RequestOutput``s (each step's new tokens with ``delta``, else only the final one).
+
+        Under ``BATCH_CONCURRENCY`` like ``generate``, batched with every other request in the engine.  Leaving
+        the iteration early (the caller was cancelled) aborts the request in the engine.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs.engine import tokens_input
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if (problem := self.alive()) is not None:
+            raise EngineDead(problem)
+        kind = RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY
+        try:
+            sp = SamplingParams(**sampling, output_kind=kind)
+        except rejected_errors() as exc:
+            raise EngineRejected(f"the engine refused the sampling parameters: {exc}") from None
+        request_id = f"v{next(self._ids)}"
+        outputs = (self._step_stream(request_id, tokens_input(prompt), sp) if self._steps is not None
+                   else self._llm.generate(tokens_input(prompt), sp, request_id))
+        async with self._gate:
+            self.stats.enter()
+            try:
+                async for output in outputs:
+                    yield output
+                    if output.finished:
+                        return
+            except EngineDeadError as exc:
+                raise EngineDead(f"vLLM engine died: {exc}") from exc
+            except rejected_errors() as exc:  # too long, a token id outside the vocabulary, too many logprobs
+                raise EngineRejected(str(exc)) from None
+            finally:
+                await outputs.aclose()  # left early: the engine's generator aborts the request
+                self.stats.leave()
+                self.stats.finished += 1
+
+    async def _step_stream(self, request_id: str, prompt: Any, sp: Any) -> AsyncIterator[Any]:
+        """The step loop's outputs of one request as they come; aborted there unless it finished."""
+        from service.backends.vllm_step import LoopStopped, Rejected
+
+        steps = self._steps
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        (future,) = steps.submit([(request_id, prompt, sp)], stream=queue)
+        finished = False
+        try:
+            while not finished:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    exc = future.exception()
+                    if isinstance(exc, Rejected):
+                        raise EngineRejected(str(exc))
+                    if isinstance(exc, LoopStopped):
+                        raise EngineDead(str(exc))
+                    raise exc if exc is not None else EngineDead("the step loop ended the request")
+                output = getter.result()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                steps.abort([request_id])
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None

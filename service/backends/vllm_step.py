@@ -24,12 +24,17 @@ log = logging.getLogger("service")
 
 @dataclass(slots=True)
 class Submission:
-    """One question for the engine, and the future its final ``RequestOutput`` (or error) goes to."""
+    """One question for the engine, and the future its final ``RequestOutput`` (or error) goes to.
+
+    With ``stream`` (a queue), every output of the request goes there instead, the final one included;
+    the future then only gets an error.
+    """
 
     request_id: str
     prompt: Any
     params: Any
     future: asyncio.Future[Any]
+    stream: asyncio.Queue[Any] | None = None
 
 
 @dataclass(slots=True)
@@ -66,9 +71,14 @@ class StepLoop:
 
     # --- event-loop side ---------------------------------------------------------------------
 
-    def submit(self, requests: list[tuple[str, Any, Any]]) -> list[asyncio.Future[Any]]:
-        """Queue (request id, prompt, params) triples; each future gets the final output or an exception."""
-        batch = [Submission(rid, prompt, params, self._loop.create_future()) for rid, prompt, params in requests]
+    def submit(self, requests: list[tuple[str, Any, Any]],
+               stream: asyncio.Queue[Any] | None = None) -> list[asyncio.Future[Any]]:
+        """Queue (request id, prompt, params) triples; each future gets the final output or an exception.
+
+        ``stream`` (one request): its outputs go to that queue as the engine makes them (``Submission``).
+        """
+        batch = [Submission(rid, prompt, params, self._loop.create_future(), stream)
+                 for rid, prompt, params in requests]
         if self.problem is not None:
             for s in batch:
                 s.future.set_exception(LoopStopped(self.problem))
@@ -154,11 +164,24 @@ class StepLoop:
             self._loop.call_soon_threadsafe(_reject, rejected)
 
     def _finish(self, outputs: list[Any]) -> None:
-        done = [(s.future, o) for o in outputs
-                if o.finished and (s := self._running.pop(o.request_id, None)) is not None]
+        done: list[tuple[asyncio.Future[Any], Any]] = []
+        streamed: list[tuple[asyncio.Queue[Any], Any]] = []
+        finished = 0
+        for o in outputs:
+            s = self._running.pop(o.request_id, None) if o.finished else self._running.get(o.request_id)
+            if s is None:
+                continue
+            finished += o.finished
+            if s.stream is not None:
+                streamed.append((s.stream, o))
+            elif o.finished:
+                done.append((s.future, o))
+        if finished:
+            self._count(finished)
         if done:
-            self._count(len(done))
             self._loop.call_soon_threadsafe(_resolve, done)
+        if streamed:
+            self._loop.call_soon_threadsafe(_push, streamed)
 
     def _count(self, finished: int) -> None:
         if self._stats is not None:
@@ -183,6 +206,11 @@ def _resolve(done: list[tuple[asyncio.Future[Any], Any]]) -> None:
     for future, output in done:
         if not future.done():
             future.set_result(output)
+
+
+def _push(streamed: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for outputs, output in streamed:
+        outputs.put_nowait(output)
 
 
 def _reject(failed: list[tuple[asyncio.Future[Any], BaseException]]) -> None:

@@ -22,6 +22,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from service.http.errors import exception_handlers
 from service.http.metrics import Metrics
 from service.http.routes import QAState, routes
+from service.http.v1.routes import v1_router
 from service.pipeline.prompting import Overrides
 from service.pipeline.warmup import load_questions
 from service.pool.client import EngineClient
@@ -63,7 +64,7 @@ def create_app(settings: Settings, engine: EngineClient) -> Litestar:
                 os._exit(1)
 
     app = Litestar(
-        route_handlers=routes(state),
+        route_handlers=[*routes(state), v1_router(state)],
         lifespan=[lifespan],
         exception_handlers=exception_handlers(settings),
         request_max_body_size=settings.max_request_bytes,
@@ -78,7 +79,8 @@ def create_app(settings: Settings, engine: EngineClient) -> Litestar:
 
 def _count_requests(inner: ASGIApp, metrics: Metrics) -> ASGIApp:
     """ASGI middleware counting responses by path and status."""
-    known = {"/", "/predict", "/info", "/system_prompt", "/metrics", "/health/live", "/health/ready"}
+    known = {"/", "/predict", "/info", "/system_prompt", "/metrics", "/health/live", "/health/ready", "/v1/models",
+             "/v1/completions", "/v1/chat/completions"}
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

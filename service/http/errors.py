@@ -13,7 +13,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
-from service.backends.base import EngineCallFailed, EngineDead, EngineUnavailable
+from service.backends.base import EngineCallFailed, EngineDead, EngineRejected, EngineUnavailable
 from service.http.schemas import Error, validation_field
 from service.settings import Settings
 
@@ -36,6 +36,7 @@ TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (msgspec.DecodeError, 400, "malformed_json"),
     (EngineDead, 503, "unavailable"),  # the engine (or the worker that answers) is gone or restarting
     (EngineUnavailable, 503, "unavailable"),
+    (EngineRejected, 400, "invalid_request"),  # refused by the worker before any work (a prompt too long)
     (EngineCallFailed, 500, "engine_error"),  # the call raised in the worker; the engine keeps serving
     (Exception, 500, "internal_error"),
 )
@@ -60,6 +61,8 @@ def _detail(exc: Exception, settings: Settings) -> tuple[str, str | None]:
         return f"{exc} (the engine worker's log has the traceback; other requests are not affected)", None
     if isinstance(exc, EngineDead | EngineUnavailable):
         return str(exc), None
+    if isinstance(exc, EngineRejected):
+        return str(exc), exc.param
     return f"{type(exc).__name__}: {exc} (see the server log)", None
 
 

@@ -52,12 +52,17 @@ class Error(Struct):
 
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 
 
 def validation_field(message: str) -> str | None:
-    """The field path in a msgspec error message (``prompt[3]``), if any."""
+    """The field path in a msgspec error message (``prompt[3]``; an unknown field's own name), if any."""
     match = _PATH.search(message)
-    return match.group(1) if match and match.group(1) else None
+    path = match.group(1) if match and match.group(1) else None
+    unknown = _UNKNOWN.search(message)
+    if unknown is not None:
+        return f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+    return path
 
 
 def check_sampling(request: Struct, max_model_len: int | None = None) -> None:

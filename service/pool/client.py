@@ -21,12 +21,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import msgspec
 
-from service.backends.base import EngineCallFailed, EngineDead, EngineStats, EngineUnavailable
+from service.backends.base import EngineCallFailed, EngineDead, EngineRejected, EngineStats, EngineUnavailable
 from service.pipeline.prompting import Overrides
 from service.pool import lifecycle, wire
 from service.settings import Settings
@@ -60,6 +60,12 @@ class EngineClient(Protocol):
 
     async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
         """One answer per question, in order; per-item errors inside; EngineDead when nothing can be answered."""
+
+    async def generate(self, make: Callable[[int], wire.Generate],
+                       on_pieces: Callable[[list[wire.Piece]], None] | None = None) -> wire.Generated:
+        """A ``/v1`` call (``make(id)`` builds it); a streaming call hands each batch of pieces to ``on_pieces``.
+
+        EngineRejected (HTTP 400) when the worker refused it before any work."""
 
     async def set_system_prompt(self, text: str) -> None: ...
 
@@ -100,6 +106,7 @@ class ProcessEngineClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._listeners: dict[int, Callable[[list[wire.Piece]], None]] = {}  # streaming calls' pieces
         self._ready: asyncio.Future[Any] | None = None
         self._dead: str | None = None
         self._progress: tuple[int, int] | None = None
@@ -194,6 +201,10 @@ class ProcessEngineClient:
                     message.into(self.stats)
                     if (message.finished, message.generated) != self._progress:
                         self._progress, self._progress_at = (message.finished, message.generated), time.monotonic()
+                elif isinstance(message, wire.Deltas):
+                    listener = self._listeners.get(message.id)
+                    if listener is not None:
+                        listener(message.pieces)
                 elif isinstance(message, wire.Ready | wire.Failed):
                     if self._ready is not None and not self._ready.done():
                         self._ready.set_result(message)
@@ -239,7 +250,7 @@ class ProcessEngineClient:
         return (f"the {self.label}'s engine made no progress for {idle:.0f} s with {len(self._pending)} calls in "
                 f"flight (ENGINE_STALL_TIMEOUT={timeout:g})")
 
-    async def _call(self, make: Any) -> Any:
+    async def _call(self, make: Any, listener: Callable[[list[wire.Piece]], None] | None = None) -> Any:
         """Send one call and wait for its reply; cancelling the caller cancels the call in the worker."""
         if (problem := self.alive()) is not None or self._writer is None:
             raise EngineDead(problem or "the engine is not started")
@@ -249,6 +260,8 @@ class ProcessEngineClient:
         if not self._pending:
             self._progress_at = time.monotonic()  # the stall clock runs while calls are in flight
         self._pending[id_] = future
+        if listener is not None:
+            self._listeners[id_] = listener
         try:
             wire.send(self._writer, make(id_))
             await self._writer.drain()
@@ -261,6 +274,10 @@ class ProcessEngineClient:
         except (ConnectionError, RuntimeError) as exc:
             self._pending.pop(id_, None)
             raise EngineDead(f"the {self.label} cannot be reached: {exc}") from None
+        finally:
+            self._listeners.pop(id_, None)
+        if isinstance(reply, wire.Invalid):
+            raise EngineRejected(reply.message, reply.param, reply.code)
         if isinstance(reply, wire.Dead):
             self._died(reply.message)  # the worker's engine is gone (the worker exits): no later call may go there
             raise EngineDead(reply.message)
@@ -271,6 +288,10 @@ class ProcessEngineClient:
     async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
         reply = await self._call(lambda id_: wire.Ask(id_, questions, overrides))
         return reply.answers
+
+    async def generate(self, make: Callable[[int], wire.Generate],
+                       on_pieces: Callable[[list[wire.Piece]], None] | None = None) -> wire.Generated:
+        return await self._call(make, on_pieces)
 
     async def set_system_prompt(self, text: str) -> None:
         reply = await self._call(lambda id_: wire.SetPrompt(id_, text))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from service.backends.base import EngineCallFailed, EngineDead, EngineStats, engines_start_together
 from service.pipeline.balance import merge_arrays, plan_shards
@@ -130,6 +130,12 @@ class ShardedEngineClient:
         texts = merge_arrays(shards, arrays, len(questions))
         tokens = sum(p.tokens for p in parts if isinstance(p, wire.Answers))
         return wire.Answers(texts, sorted(errors), tokens, by_route)
+
+    async def generate(self, make: Callable[[int], wire.Generate],
+                       on_pieces: Callable[[list[wire.Piece]], None] | None = None) -> wire.Generated:
+        """A ``/v1`` call goes whole to the worker with the fewest calls in flight (its prompts batch there)."""
+        worker = min(self._up(), key=lambda w: w.pending())
+        return await worker.generate(make, on_pieces)
 
     async def set_system_prompt(self, text: str) -> None:
         """On every worker that is up (a restarting worker starts with the settings' system prompt)."""

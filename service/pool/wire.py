@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
+from service.pipeline.completion import Sampling
 from service.pipeline.prompting import Overrides
 
 _LEN = struct.Struct("!I")
@@ -46,6 +47,21 @@ class Ask(Struct, tag=True):
     id: int
     questions: list[str]
     overrides: Overrides
+
+
+class Generate(Struct, tag=True, kw_only=True):
+    """A ``/v1`` call: raw generation for ``prompts`` (texts or token ids) or for one chat ``messages``.
+
+    ``stream``: the worker sends ``Deltas`` as tokens come, then ``Generated``; otherwise only ``Generated``.
+    """
+
+    id: int
+    prompts: list[str | list[int]] = []
+    messages: list[dict[str, str]] | None = None
+    template_kwargs: dict[str, Any] | None = None
+    sampling: Sampling = Sampling()
+    stream: bool = False
+    echo: bool = False
 
 
 class SetPrompt(Struct, tag=True):
@@ -95,6 +111,52 @@ class PromptSet(Struct, tag=True):
     chat_format: str | None
 
 
+class TokenLogprob(Struct, array_like=True):
+    """One token's log probability and the ``top`` alternatives ((token, logprob), most likely first)."""
+
+    token: str
+    token_id: int
+    logprob: float | None
+    top: list[tuple[str, float]]
+
+
+class Piece(Struct, array_like=True):
+    """Generated text of prompt ``index``: a streamed delta, or (in ``Generated``) the whole completion."""
+
+    index: int
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Deltas(Struct, tag=True):
+    """New text of a streaming ``Generate`` call, coalesced per round of the worker's event loop."""
+
+    id: int
+    pieces: list[Piece]
+
+
+class Generated(Struct, tag=True, kw_only=True):
+    """The end of a ``Generate`` call: one piece per prompt (its whole text unless streamed) and the counts."""
+
+    id: int
+    choices: list[Piece]
+    prompt_tokens: int
+    completion_tokens: int
+    prompts: list[str] = []  # the prompts as text, for ``echo``
+    prompt_logprobs: list[list[TokenLogprob]] | None = None
+
+
+class Invalid(Struct, tag=True):
+    """Call ``id`` was refused before any work (a prompt too long, a value the engine rejects): HTTP 400."""
+
+    id: int
+    message: str
+    param: str | None
+    code: str | None
+
+
 class Dead(Struct, tag=True):
     """Call ``id`` failed because the engine is gone (HTTP 503)."""
 
@@ -134,8 +196,8 @@ class Stats(Struct, tag=True):
             setattr(stats, name, max(value, getattr(stats, name)) if name.startswith("peak_") else value)
 
 
-Message = (Start | Ask | SetPrompt | Cancel | Stop | Hello | Failed | Ready | Answered | PromptSet | Dead | Error
-           | Stats)
+Message = (Start | Ask | Generate | SetPrompt | Cancel | Stop | Hello | Failed | Ready | Answered | PromptSet | Dead
+           | Error | Stats | Deltas | Generated | Invalid)
 _encoder = msgspec.msgpack.Encoder()
 _json_encoder = msgspec.json.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.backends import build_engine
-from service.backends.base import Engine, EngineDead, EngineStats, EngineUnavailable
+from service.backends.base import Engine, EngineDead, EngineRejected, EngineStats, EngineUnavailable
 from service.pipeline.prompting import Overrides
 from service.pool import wire
 from service.pool.procs import become_subreaper, freeze_heap, reap_children
@@ -42,6 +42,7 @@ class LocalEngineClient:
         self.settings = settings
         self.engine = engine
         self.answerer: Any = None
+        self.completer: Any = None
         self.chat_format: str | None = None
         self.system_prompt = ""
 
@@ -70,9 +71,11 @@ class LocalEngineClient:
 
     async def start(self) -> None:
         from service.pipeline.answer import Answerer
+        from service.pipeline.completer import Completer
 
         await self.engine.start()
         self.answerer = Answerer(self.settings, self.engine, self.settings.load_system_prompt())
+        self.completer = Completer(self.settings, self.engine)
         self._describe()
 
     def _describe(self) -> None:
@@ -86,6 +89,15 @@ class LocalEngineClient:
         if self.answerer is None:
             raise EngineDead("the engine is not started")
         return await self.answerer.answer(questions, overrides)
+
+    async def complete(self, call: wire.Generate, emit: Any) -> wire.Generated:
+        """A ``/v1`` call: raw generation (``service.pipeline.completer``); ``emit`` gets streamed pieces."""
+        if self.completer is None:
+            raise EngineDead("the engine is not started")
+        if not hasattr(self.engine, "stream"):
+            raise EngineRejected(f"the OpenAI-compatible API needs the vLLM backend; this worker runs {self.name} "
+                                 "(USE_VLLM=false or its fallback)", None, "unsupported_backend")
+        return await self.completer.complete(call, emit)
 
     async def set_system_prompt(self, text: str) -> None:
         if self.answerer is None:
@@ -143,8 +155,27 @@ async def _watch(client: LocalEngineClient, writer: asyncio.StreamWriter, dead: 
         await asyncio.sleep(STATS_EVERY)
 
 
-async def _handle(client: LocalEngineClient, message: wire.Ask | wire.SetPrompt, writer: asyncio.StreamWriter,
-                  faults: Faults) -> None:
+class Emitter:
+    """Streamed pieces of one call, sent as one ``Deltas`` frame per round of the event loop (not per token)."""
+
+    def __init__(self, call_id: int, writer: asyncio.StreamWriter):
+        self.call_id, self.writer = call_id, writer
+        self.pieces: list[wire.Piece] = []
+
+    def __call__(self, piece: wire.Piece) -> None:
+        if not self.pieces:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pieces.append(piece)
+
+    def flush(self) -> None:
+        if self.pieces:
+            pieces, self.pieces = self.pieces, []
+            with contextlib.suppress(ConnectionError, RuntimeError):  # the API process may be gone
+                self.writer.write(wire.frame(wire.Deltas(self.call_id, pieces)))
+
+
+async def _handle(client: LocalEngineClient, message: wire.Ask | wire.Generate | wire.SetPrompt,
+                  writer: asyncio.StreamWriter, faults: Faults) -> None:
     """One call: its result, or an error frame for anything it raises. Cancelled (wire.Cancel): no reply."""
     reply: wire.Message
     try:
@@ -152,6 +183,13 @@ async def _handle(client: LocalEngineClient, message: wire.Ask | wire.SetPrompt,
             await faults.apply(message.questions)
             answers = await client.answer(message.questions, message.overrides)
             reply = wire.Answered(message.id, answers)
+        elif isinstance(message, wire.Generate):
+            await faults.apply([p for p in message.prompts if isinstance(p, str)]
+                               + [m.get("content", "") for m in message.messages or []])
+            emitter = Emitter(message.id, writer) if message.stream else None
+            reply = await client.complete(message, emitter)
+            if emitter is not None:
+                emitter.flush()  # the last pieces go before the end of the call
         else:
             await client.set_system_prompt(message.text)
             reply = wire.PromptSet(message.id, client.system_prompt, client.chat_format)
@@ -160,6 +198,8 @@ async def _handle(client: LocalEngineClient, message: wire.Ask | wire.SetPrompt,
         raise
     except EngineDead as exc:
         body = wire.frame(wire.Dead(message.id, str(exc)))
+    except EngineRejected as exc:  # refused before any work: the client's to fix (HTTP 400)
+        body = wire.frame(wire.Invalid(message.id, str(exc), exc.param, exc.code))
     except Exception as exc:  # every call ends: its caller gets the error, the traceback stays here
         log.exception("call %d (%s) failed", message.id, type(message).__name__)
         body = wire.frame(wire.Error(message.id, f"{type(exc).__name__}: {exc}", type(exc).__name__))
@@ -184,7 +224,7 @@ async def _receive(client: LocalEngineClient, reader: asyncio.StreamReader, writ
             if task is not None:
                 task.cancel()
                 log.info("call %d cancelled (its client went away): its questions are aborted", message.id)
-        elif isinstance(message, wire.Ask | wire.SetPrompt):
+        elif isinstance(message, wire.Ask | wire.Generate | wire.SetPrompt):
             task = asyncio.create_task(_handle(client, message, writer, faults))
             calls[message.id] = task
             task.add_done_callback(lambda _, id_=message.id: calls.pop(id_, None))
