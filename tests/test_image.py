@@ -44,7 +44,8 @@ def processes_in(container_id: str) -> list[str]:
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if container_id in (proc / "cgroup").read_text():
-                found.append(f"{proc.name} {(proc / 'cmdline').read_bytes().replace(b'\0', b' ').decode()[:120]}")
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{proc.name} {command[:120]}")
         except OSError:
             continue
     return found
