@@ -259,3 +259,43 @@ def test_healthcheck_command_follows_port(answering: bool):
 
 def test_dockerfile_exists_at_the_root():
     assert Path(DOCKERFILE).is_file()
+
+
+# --- inv image (env/image.py) ----------------------------------------------------------------------
+
+def test_inv_image_passes_target_base_preset_ca_and_wheels(tmp_path: Path):
+    from env.image import ImageOptions, build_command, run_command
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    options = ImageOptions("cpu", base="qa-ci-base:bookworm", ca=str(ca), wheels=str(tmp_path), preset="demo")
+    cmd = build_command("docker", options, {"MODELSCOPE_API_TOKEN": "x"})
+    text = " ".join(cmd)
+    for part in ("--build-arg TARGET=cpu", "--build-arg BASE_IMAGE=qa-ci-base:bookworm", "--build-arg PRESET=demo",
+                 "--build-arg TORCH_INDEX=", f"--secret id=ca,src={ca}", "-t qa-serve:cpu-demo",
+                 "--secret id=modelscope_token,env=MODELSCOPE_API_TOKEN"):
+        assert part in text, part
+    assert "x" not in cmd  # the token goes by name, never as a value on the command line
+    assert cmd[-1] == str(ROOT)
+    assert "--shm-size" in run_command(options) and "--gpus" not in run_command(options)
+    assert "--gpus all" in run_command(ImageOptions("gpu"))
+    gpu = " ".join(build_command("docker", ImageOptions(), {}))
+    assert "TARGET=gpu" in gpu and "BASE_IMAGE" not in gpu and "--secret" not in gpu
+
+
+def test_cache_report_reads_buildkit_logs():
+    from env.image import cache_report
+
+    def log(deps: bool, model: bool, code: bool) -> str:
+        lines = []
+        for n, (name, cached) in enumerate([("[deps-cpu 4/4] RUN --mount=type=cache ... pip install --no-deps", deps),
+                                            ("[final 3/4] RUN ... python3 -m downloader --preset demo", model),
+                                            ("[final 4/4] COPY . .", code)], start=7):
+            lines += [f"#{n} {name}", f"#{n} CACHED" if cached else f"#{n} DONE 1.0s"]
+        return "\n".join(lines)
+
+    assert cache_report(log(True, True, False))[0]
+    assert not cache_report(log(False, True, False))[0]  # dependencies rebuilt
+    assert not cache_report(log(True, False, False))[0]  # model rebuilt
+    assert not cache_report(log(True, True, True))[0]  # the edit did not reach the build
+    assert not cache_report("")[0]
