@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,20 @@ def processes_in(container_id: str) -> list[str]:
     return found
 
 
+def service_status(port: int) -> str:
+    """``status`` of ``GET /`` (``warming``, ``batch``, ``error``), or ``""`` while nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            return json.loads(response.read()).get("status", "")
+    except urllib.error.HTTPError as exc:
+        try:
+            return json.loads(exc.read()).get("status", "")
+        except ValueError:
+            return ""
+    except (OSError, ValueError):
+        return ""
+
+
 @pytest.fixture(scope="module")
 def container() -> Iterator[tuple[str, int]]:
     name = f"qa-test-{os.getpid()}"
@@ -59,12 +74,14 @@ def container() -> Iterator[tuple[str, int]]:
            IMAGE)
     try:
         deadline = time.monotonic() + HEALTHY_WITHIN
+        errors = 0  # consecutive `GET /` answers saying the engine failed (health stays "starting" meanwhile)
         while True:
             current = state(name)
             health = current.get("Health", {}).get("Status")
             if health == "healthy":
                 break
-            if not current["Running"] or health == "unhealthy" or time.monotonic() > deadline:
+            errors = errors + 1 if service_status(port) == "error" else 0
+            if not current["Running"] or health == "unhealthy" or errors >= 10 or time.monotonic() > deadline:
                 logs = docker("logs", "--tail", "60", name, check=False)
                 pytest.fail(f"container not healthy ({health}, running={current['Running']}):\n"
                             f"{logs.stdout[-4000:]}{logs.stderr[-4000:]}")
