@@ -3,8 +3,7 @@
 The fake hub answers the REST paths the downloader and modelscope's own client use: ``GET
 /api/v1/models/{id}/repo/files`` and ``GET /api/v1/models/{id}/repo?FilePath=``, with Range support and
 injectable faults (HTTP 500, a connection dropped mid-file, corrupt bytes).  That it is the real protocol is
-shown by running the ``modelscope`` package's ``snapshot_download`` against it: both clients fetch identical
-trees.
+shown in tests/test_hub_protocol.py: the ``modelscope`` package's own client fetches the same trees from it.
 """
 
 from __future__ import annotations
@@ -395,27 +394,6 @@ def test_token_goes_with_every_request_and_never_appears_in_logs(tmp_path: Path,
         assert seen.headers.get("authorization") == f"Bearer {TOKEN}"
         assert f"m_session_id={TOKEN}" in seen.headers.get("cookie", "")
     assert TOKEN not in logs.text
-
-
-@pytest.mark.parametrize("token", ["", TOKEN])
-def test_modelscope_client_fetches_the_same_tree_from_the_fake_hub(tmp_path: Path, hub: FakeHub, token: str,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ``modelscope`` package's own snapshot_download and the downloader, against one hub: identical trees."""
-    from modelscope import snapshot_download
-
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # modelscope keeps its state under ~
-    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms-cache"))
-    hub.require_token = token or None
-    theirs = tmp_path / "modelscope"
-    snapshot_download("acme/nested", revision="master", local_dir=str(theirs), endpoint=hub.url,
-                      token=token or None)
-    their_requests = [(s.method, s.path) for s in hub.seen]
-    ours = download(values_for(tmp_path, hub.url, MODEL_ID="acme/nested", MODELSCOPE_API_TOKEN=token),
-                    progress=False)[0]
-    mine = {name: data for name, data in read_tree(ours).items() if name != MARKER}
-    assert read_tree(theirs) == mine and "sub/extra.txt" in mine and "config.json" in mine
-    assert ("GET", "/api/v1/models/acme/nested/repo/files") in their_requests
-    assert not any(method == "POST" for method, _ in their_requests), "modelscope makes no login request either"
 
 
 def test_token_is_not_sent_to_a_redirect_host(tmp_path: Path, hub: FakeHub) -> None:
