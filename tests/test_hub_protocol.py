@@ -16,7 +16,7 @@ from tests.test_downloader import TOKEN, FakeHub, hub, other_tokenizer_files, re
 __all__ = ["hub", "other_tokenizer_files", "tiny_files"]  # fixtures of tests/test_downloader.py, used here
 
 
-@pytest.mark.parametrize("token", ["", TOKEN])
+@pytest.mark.parametrize("token", ["", TOKEN], ids=["anonymous", "token"])
 def test_modelscope_client_fetches_the_same_tree_from_the_fake_hub(tmp_path: Path, hub: FakeHub, token: str,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The ``modelscope`` package's own snapshot_download and the downloader, against one hub: identical trees."""
