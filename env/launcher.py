@@ -6,8 +6,8 @@
 2. pick and report the interpreter (``steps.interpreter``: the project's ``.venv`` when it exists and nothing
    else is active);
 3. check that the port is free, naming the process that holds it (``steps.port``, before any slow step);
-4. install ``requirements/cpu.txt`` or ``requirements/gpu.txt`` with that interpreter (``steps.install``;
-   skippable);
+4. install the target's lock, ``requirements/cpu-lock.txt`` or ``gpu-lock.txt`` (``env/locks.py``), with that
+   interpreter (``steps.install``; skippable);
 5. download the model (``steps.download``; skippable), then derive the ``auto`` engine layout (``env.layout``)
    and print it;
 6. run ``python -m service.preflight`` with that interpreter (``steps.preflight``: settings valid, engine imports);

@@ -1,8 +1,9 @@
 """Acceptance tests of ``downloader``: a real HTTP server on loopback stands in for the ModelScope hub.
 
-The fake hub answers the REST paths the downloader (and modelscope's own client) use: ``POST
-/api/v1/login``, ``GET /api/v1/models/{id}/repo/files`` and ``GET /api/v1/models/{id}/repo?FilePath=``,
-with Range support and injectable faults (HTTP 500, a connection dropped mid-file, corrupt bytes).
+The fake hub answers the REST paths the downloader and modelscope's own client use: ``GET
+/api/v1/models/{id}/repo/files`` and ``GET /api/v1/models/{id}/repo?FilePath=``, with Range support and
+injectable faults (HTTP 500, a connection dropped mid-file, corrupt bytes).  That it is the real protocol is
+shown in tests/test_hub_protocol.py: the ``modelscope`` package's own client fetches the same trees from it.
 """
 
 from __future__ import annotations
@@ -94,16 +95,8 @@ class FakeHub:
                 return (seen.headers.get("authorization") == f"Bearer {hub.require_token}"
                         or f"m_session_id={hub.require_token}" in seen.headers.get("cookie", ""))
 
-            def do_POST(self) -> None:  # noqa: N802
-                seen = self._record()
-                if seen.path == "/api/v1/login":
-                    token = json.loads(seen.body or b"{}").get("AccessToken")
-                    if hub.require_token is not None and token != hub.require_token:
-                        self._json(401, {"Code": 10010201001, "Message": "invalid token", "Success": False})
-                    else:
-                        self._json(200, {"Code": 200, "Data": {"Username": "tester"}, "Success": True},
-                                   {"Set-Cookie": "session_extra=abc; Path=/"})
-                    return
+            def do_POST(self) -> None:  # noqa: N802 - neither client posts anything (no login round trip)
+                self._record()
                 self._json(404, {"Code": 404, "Message": "not found", "Success": False})
 
             def do_GET(self) -> None:  # noqa: N802
@@ -391,19 +384,16 @@ def test_unknown_model_names_id_and_hints(tmp_path: Path, hub: FakeHub) -> None:
 
 # --- token ----------------------------------------------------------------------------------------
 
-def test_token_logs_in_and_never_appears_in_logs(tmp_path: Path, hub: FakeHub,
-                                                 logs: pytest.LogCaptureFixture) -> None:
+def test_token_goes_with_every_request_and_never_appears_in_logs(tmp_path: Path, hub: FakeHub,
+                                                                 logs: pytest.LogCaptureFixture) -> None:
     hub.require_token = TOKEN
     values = values_for(tmp_path, hub.url, MODELSCOPE_API_TOKEN=TOKEN)
     download(values, progress=True)
-    assert hub.seen[0].method == "POST" and hub.seen[0].path == "/api/v1/login"
-    assert json.loads(hub.seen[0].body) == {"AccessToken": TOKEN}
-    for seen in hub.seen[1:]:
+    assert hub.seen and all(seen.method == "GET" for seen in hub.seen), "no login round trip"
+    for seen in hub.seen:
         assert seen.headers.get("authorization") == f"Bearer {TOKEN}"
         assert f"m_session_id={TOKEN}" in seen.headers.get("cookie", "")
-        assert "session_extra=abc" in seen.headers.get("cookie", ""), "cookies from the login are kept"
     assert TOKEN not in logs.text
-    assert any("logged in" in line for line in download_lines(logs))
 
 
 def test_token_is_not_sent_to_a_redirect_host(tmp_path: Path, hub: FakeHub) -> None:

