@@ -23,6 +23,7 @@ from service.backends.base import (
     require_import,
     timing_level,
 )
+from service.pool import progress
 from service.pool.procs import reap_children
 from service.settings import Settings
 
@@ -328,6 +329,7 @@ class VllmEngine:
                 finally:
                     self.stats.leave()
                     self.stats.finished += 1
+                    progress.tick(final)
             assert final is not None
             return final
 
@@ -352,6 +354,7 @@ class VllmEngine:
         ids = [f"q{next(self._ids)}" for _ in requests]
         futures = steps.submit([(rid, prompt, sp) for rid, (_, prompt, sp) in zip(ids, requests, strict=True)])
         self.stats.enter(len(futures))
+        progress.watch(futures)
         try:
             results = await asyncio.gather(*futures, return_exceptions=True)
         except asyncio.CancelledError:

@@ -28,7 +28,7 @@ import msgspec
 
 from service.backends.base import EngineCallFailed, EngineDead, EngineStats, EngineUnavailable
 from service.pipeline.prompting import Overrides
-from service.pool import lifecycle, wire
+from service.pool import lifecycle, progress, wire
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -104,6 +104,7 @@ class ProcessEngineClient:
         self._dead: str | None = None
         self._progress: tuple[int, int] | None = None
         self._progress_at = time.monotonic()
+        self._shares: dict[int, progress.Share] = {}  # call id: its share of a request's progress
         self.stats.in_flight = self.stats.running = self.stats.waiting = 0
 
     @property
@@ -194,6 +195,9 @@ class ProcessEngineClient:
                     message.into(self.stats)
                     if (message.finished, message.generated) != self._progress:
                         self._progress, self._progress_at = (message.finished, message.generated), time.monotonic()
+                elif isinstance(message, wire.Progress):
+                    if (part := self._shares.get(message.id)) is not None:
+                        part.update(message)
                 elif isinstance(message, wire.Ready | wire.Failed):
                     if self._ready is not None and not self._ready.done():
                         self._ready.set_result(message)
@@ -269,7 +273,20 @@ class ProcessEngineClient:
         return reply
 
     async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
-        reply = await self._call(lambda id_: wire.Ask(id_, questions, overrides))
+        part = progress.share(self.label, len(questions))  # None outside a tracked request
+
+        def ask(id_: int) -> wire.Ask:
+            if part is not None:
+                part.call, self._shares[id_] = id_, part
+            return wire.Ask(id_, questions, overrides)
+
+        try:
+            reply = await self._call(ask)
+        finally:
+            if part is not None and part.call is not None:
+                self._shares.pop(part.call, None)
+        if part is not None:
+            part.done, part.tokens = part.total, max(part.tokens, reply.answers.tokens)
         return reply.answers
 
     async def set_system_prompt(self, text: str) -> None:
