@@ -70,6 +70,10 @@ function requestView(r) {
 }
 
 function showProgress(progress) {
+  const warmup = progress.in_flight.find((r) => r.kind === "warmup");
+  if (warmup && $("status").dataset.state === "warming") {
+    $("status-detail").textContent = `warmup: ${warmup.done}/${warmup.questions} questions, ETA ${eta(warmup.eta_s)}`;
+  }
   const running = progress.in_flight.map(requestView);
   $("progress").replaceChildren(...(running.length ? running : [el("p", { class: "quiet" }, "none")]));
   const finished = progress.recent.map(requestView);
