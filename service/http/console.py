@@ -3,7 +3,7 @@
 ``extras(state)`` wires the additions of this module into one app: the progress of every answer call
 (``service.http.progress``, whose numbers also go to ``/metrics``), vLLM's own metrics per engine worker
 (``service.pool.vllm_metrics``), and the routes.  The page is one HTML file, one script and one stylesheet
-shipped in ``service/http/static`` (no CDN, no build step); it polls ``/progress`` and ``/console/state`` and
+shipped in ``service/http/static`` (no CDN, no build step); it polls ``/progress`` (every second) and ``/console/state`` and
 writes the system prompt through ``POST /system_prompt`` (the same admin-token rule).  ``GET /`` is untouched.
 """
 
@@ -50,6 +50,8 @@ def extras(state: QAState) -> list[HTTPRouteHandler]:
     page = (STATIC / "console.html").read_bytes()
     assets = {name: (STATIC / name).read_bytes() for name in ASSETS}
     sources = dict(settings.sources)
+    values = [{"key": key, "value": _masked(key, value), "source": sources.get(key, "")}  # settings are frozen
+              for key, value in settings.public().items()]
 
     @get("/progress", sync_to_thread=False)
     def progress() -> Response[bytes]:
@@ -74,8 +76,6 @@ def extras(state: QAState) -> list[HTTPRouteHandler]:
             workers.append({"label": w.label, "state": w.state, "pid": w.pid, "up": w.up, "failure": w.failure,
                             "calls": w.pending(), "in_flight": s.in_flight, "running": s.running,
                             "waiting": s.waiting, "has_scheduler": s.has_scheduler})
-        values = [{"key": key, "value": _masked(key, value), "source": sources.get(key, "")}
-                  for key, value in settings.public().items()]
         return json_response({
             "health": body, "http_status": status, "phase": pool.status, "problem": pool.problem,
             "serving": pool.serving(), "backend": engine.name, "model_dir": str(settings.model_dir),

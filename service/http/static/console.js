@@ -80,17 +80,29 @@ function showProgress(progress) {
   $("finished").replaceChildren(...(finished.length ? finished : [el("p", { class: "quiet" }, "none yet")]));
 }
 
+// /progress every second, /console/state every third poll (and at once while warming); the page is redrawn
+// only where an answer changed, so an open console costs the service (and a shared machine) next to nothing.
+let polls = 0;
+let shownState = "";
+let shownProgress = "";
+
 async function poll() {
   try {
-    const [[, state], [, progress]] = await Promise.all([getJSON("/console/state"), getJSON("/progress")]);
-    showState(state);
-    showProgress(progress);
+    if (polls % 3 === 0 || $("status").dataset.state !== "ready") {
+      const [, state] = await getJSON("/console/state");
+      const text = JSON.stringify(state);
+      if (text !== shownState) { shownState = text; showState(state); }
+    }
+    const [, progress] = await getJSON("/progress");
+    const text = JSON.stringify(progress);
+    if (text !== shownProgress) { shownProgress = text; showProgress(progress); }
   } catch (err) {
     $("status").textContent = "unreachable";
     $("status").dataset.state = "error";
     $("status-detail").textContent = String(err);
   }
-  setTimeout(poll, 500);
+  polls += 1;
+  setTimeout(poll, 1000);
 }
 
 async function ask(event) {
