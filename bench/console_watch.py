@@ -1,7 +1,7 @@
 """``python -m bench.console_watch URL``: keep the console page open in headless Chromium until interrupted.
 
 For measuring what an open console costs a benchmark (``docs/performance.md``): the page polls
-``/console/state`` and ``/progress`` twice a second and redraws its bars, as in a user's browser, but here on
+``/progress`` every second and ``/console/state`` every 3 s and redraws its bars, as in a user's browser, but here on
 the same machine as the service.  Needs Selenium (``requirements/test.txt``) and Debian's ``chromium`` and
 ``chromium-driver``.  Every minute it prints the page's status; at the end, the page's console errors (there should
 be none).
