@@ -50,6 +50,7 @@ __all__ = ["MARKER", "DownloadError", "check_draft_tokenizer", "download", "look
 
 STAMP = ".download-target"  # in the staging directory: which id@revision it holds
 PROGRESS_INTERVAL = 1.0  # seconds between progress lines on a terminal
+LOG_INTERVAL = 15.0  # seconds between progress lines off a terminal (docker build, CI, nohup: a log, not a screen)
 log = logging.getLogger("download")
 
 
@@ -80,10 +81,14 @@ class _Request:
 def download(values: Mapping[str, str], *, progress: bool | None = None) -> list[Path]:
     """Make the main model (and a wanted draft model) ready; return the directories to serve.
 
-    ``values`` are the effective variables (``env.layer``).  ``progress``: per-file progress lines;
-    default when stderr is a terminal.  Raises DownloadError.
+    ``values`` are the effective variables (``env.layer``).  ``progress``: per-file progress lines, every
+    PROGRESS_INTERVAL s (True), none (False), or by default every PROGRESS_INTERVAL s on a terminal and every
+    LOG_INTERVAL s elsewhere (a log file, docker build, CI).  Raises DownloadError.
     """
-    live = sys.stderr.isatty() if progress is None else progress
+    if progress is None:
+        live: float | None = PROGRESS_INTERVAL if sys.stderr.isatty() else LOG_INTERVAL
+    else:
+        live = PROGRESS_INTERVAL if progress else None
     main = _request(values, "model", "MODEL_ID", "MODEL_REVISION", "MODEL_DIR", exit_code=1)
     fetcher = _Fetcher(values, live)
     try:
@@ -158,9 +163,9 @@ def _size(n: float) -> str:
 
 
 class _Progress:
-    """Bytes and files done; lines at most once a second when ``live`` (a terminal), else silent."""
+    """Bytes and files done; a line at most every ``live`` seconds (None: silent)."""
 
-    def __init__(self, label: str, files: int, total: int, live: bool):
+    def __init__(self, label: str, files: int, total: int, live: float | None):
         self.label, self.files, self.total, self.live = label, files, total, live
         self.done_files = 0
         self.finished_bytes = 0
@@ -171,7 +176,7 @@ class _Progress:
         def position(n: int) -> None:
             self.current = n
             now = time.monotonic()
-            if self.live and now - self.last >= PROGRESS_INTERVAL:
+            if self.live is not None and now - self.last >= self.live:
                 self.last = now
                 self._line(name)
         return position
@@ -193,7 +198,7 @@ class _Progress:
 class _Fetcher:
     """Makes requests ready; one hub session (logged in once) shared by the main and draft model."""
 
-    def __init__(self, values: Mapping[str, str], live: bool):
+    def __init__(self, values: Mapping[str, str], live: float | None):
         self.endpoint = normalize_endpoint(values.get("MODELSCOPE_ENDPOINT") or values.get("MODELSCOPE_DOMAIN"))
         self._token = (values.get("MODELSCOPE_API_TOKEN") or "").strip()
         self._live = live

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default=None, help="a preset name from env/ (default: defaults only)")
     parser.add_argument("--force", action="store_true", help="the preset overrides the environment")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="per-file progress lines (default: when stderr is a terminal)")
+                        help="per-file progress lines (default: every second on a terminal, every 15 s elsewhere)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     log = logging.getLogger("download")

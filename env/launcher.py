@@ -54,6 +54,8 @@ from env.layering import (
     render_export,
     resolve_layout,
 )
+from env.provenance import SOURCES_VAR
+from env.provenance import encode as encode_sources
 from env.steps.download import download_here, download_with
 from env.steps.errors import EXIT_DOWNLOAD, EXIT_ENGINE, EXIT_INSTALL, EXIT_INVALID, EXIT_PORT, LaunchError
 from env.steps.install import (
@@ -175,6 +177,7 @@ def run(options: RunOptions, environ: Mapping[str, str] | None = None) -> None:
     for line in layout_lines(values):
         log.info("layout: %s", line)
     env.update({key: item.value for key, item in values.items() if item.source == "auto"})
+    env[SOURCES_VAR] = encode_sources(values)  # where each value came from, for the service's console
     preflight(python, env)
     check_port(host, port)  # the slow steps may have taken minutes
     argv = [python.executable, "-m", SERVICE_MODULE, "--host", host, "--port", str(port),

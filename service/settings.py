@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from env import SECRETS, layer, resolve_layout
+from env.provenance import sources as _sources
 from service.parsers import (
     _bool,
     _choice,
@@ -172,6 +173,7 @@ class Settings:
     fault_inject: str = var(_text, "Test only: raise_on=TEXT / hang_on=TEXT (;-separated) faults a question in the worker.")
     # not a variable: (KEY, value, reason) of each layout value derived from `auto` (env/layout.py)
     layout: tuple[tuple[str, str, str], ...] = ()
+    sources: tuple[tuple[str, str], ...] = ()  # not a variable: (KEY, shell/default/preset/auto) (env/provenance.py)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -203,7 +205,7 @@ class Settings:
             log.warning("OUTPUT_MAX_SENTENCES=%s clamped to %s (allowed 1..12)", parsed["output_max_sentences"], clamped)
             parsed["output_max_sentences"] = clamped
         layout = tuple((key, item.value, item.reason or "") for key, item in layered.items() if item.source == "auto")
-        return cls(**parsed, layout=layout)
+        return cls(**parsed, layout=layout, sources=_sources(environ, layered))
 
     @property
     def backend(self) -> str:

@@ -293,6 +293,17 @@ def test_progress_lines_on_a_terminal(tmp_path: Path, hub: FakeHub, logs: pytest
     assert any("MB" in line and "model.safetensors" in line for line in progress)
 
 
+def test_progress_lines_off_a_terminal(tmp_path: Path, hub: FakeHub, logs: pytest.LogCaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under docker build, CI or nohup (stderr is no terminal) the default still prints lines, every LOG_INTERVAL s."""
+    assert 10 <= downloader.LOG_INTERVAL <= 30
+    monkeypatch.setattr(downloader.sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setattr(downloader, "LOG_INTERVAL", 0.0)
+    download(values_for(tmp_path, hub.url))
+    progress = [line for line in download_lines(logs) if " files, " in line and " of " in line]
+    assert progress and any("model.safetensors" in line for line in progress)
+
+
 @pytest.mark.parametrize("fault", ["drop", "500", "corrupt"])
 def test_interrupted_download_is_not_served_and_rerun_completes(
         tmp_path: Path, hub: FakeHub, tiny_files: dict[str, bytes], fault: str, fast_retries: None) -> None:

@@ -164,6 +164,11 @@ def test_run_execs_the_server_in_the_launcher_process(tmp_path):
         assert info is not None, server.log()[-4000:]
         assert str(_find(info, "MAX_MODEL_LEN", "max_model_len")) == "512"  # the exported value won
         assert TOKEN not in json.dumps(info)
+        state = _get(port, "/console/state")  # the launcher told the service where each value came from
+        where = {item["key"]: item["source"] for item in state["settings"]}
+        assert (where["MAX_MODEL_LEN"], where["DTYPE"], where["TOP_P"], where["ENGINE_WORKERS"]) == (
+            "shell", "preset (demo.env)", "default (defaults.env)", "auto"), where
+        assert TOKEN not in json.dumps(state)
 
         log = server.log()
         assert "[run] pip install skipped (--skip-install)" in log

@@ -479,6 +479,7 @@ def test_two_engine_workers_split_a_request_and_keep_its_order(
         assert window.max["qa_in_flight_questions"] >= 30, window.max  # not one question after another
         status, text = http_json("GET", svc.url + "/metrics")
         assert status == 200 and "qa_engine_running_sequences" not in text, text
+        assert "vllm:" not in text  # ENGINE_STATS=0: vLLM's own metrics are off too (service.pool.vllm_metrics)
         # No fixed KV cache: the second engine starts only once the first is ready (vLLM's memory profiling).
         log = svc.server.log()
         assert "starting 2 engine workers one after another" in log

@@ -26,6 +26,7 @@ from service.backends.base import (
 )
 from service.backends.tokens import decode_answers, encode_prompts
 from service.backends.vllm_args import engine_args
+from service.pool import progress
 from service.pool.procs import reap_children
 from service.settings import Settings
 
@@ -241,6 +242,7 @@ class VllmEngine:
                 finally:
                     self.stats.leave()
                     self.stats.finished += 1
+                    progress.tick(final)
             assert final is not None
             return final
 
@@ -265,6 +267,7 @@ class VllmEngine:
         ids = [f"q{next(self._ids)}" for _ in requests]
         futures = steps.submit([(rid, prompt, sp) for rid, (_, prompt, sp) in zip(ids, requests, strict=True)])
         self.stats.enter(len(futures))
+        progress.watch(futures)
         try:
             results = await asyncio.gather(*futures, return_exceptions=True)
         except asyncio.CancelledError:

@@ -19,8 +19,10 @@ from collections.abc import AsyncIterator
 from litestar import Litestar
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.http.console import extras
 from service.http.errors import exception_handlers
 from service.http.metrics import Metrics
+from service.http.progress import tracked
 from service.http.routes import QAState, routes
 from service.http.v1.routes import v1_router
 from service.pipeline.prompting import Overrides
@@ -34,6 +36,7 @@ log = logging.getLogger("service")
 
 def create_app(settings: Settings, engine: EngineClient) -> Litestar:
     """The ASGI app serving ``engine`` with ``settings``; the engine starts and stops with the app."""
+    engine = tracked(engine)  # the progress of every answer call (service.http.progress)
 
     async def warmup() -> None:
         s = settings
@@ -64,7 +67,7 @@ def create_app(settings: Settings, engine: EngineClient) -> Litestar:
                 os._exit(1)
 
     app = Litestar(
-        route_handlers=[*routes(state), v1_router(state)],
+        route_handlers=[*routes(state), *extras(state), v1_router(state)],  # extras: /progress, /console
         lifespan=[lifespan],
         exception_handlers=exception_handlers(settings),
         request_max_body_size=settings.max_request_bytes,

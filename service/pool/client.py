@@ -28,7 +28,7 @@ import msgspec
 
 from service.backends.base import EngineCallFailed, EngineDead, EngineRejected, EngineStats, EngineUnavailable
 from service.pipeline.prompting import Overrides
-from service.pool import lifecycle, wire
+from service.pool import lifecycle, progress, wire
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -111,6 +111,7 @@ class ProcessEngineClient:
         self._dead: str | None = None
         self._progress: tuple[int, int] | None = None
         self._progress_at = time.monotonic()
+        self._shares: dict[int, progress.Share] = {}  # call id: its share of a request's progress
         self.stats.in_flight = self.stats.running = self.stats.waiting = 0
 
     @property
@@ -205,6 +206,9 @@ class ProcessEngineClient:
                     listener = self._listeners.get(message.id)
                     if listener is not None:
                         listener(message.pieces)
+                elif isinstance(message, wire.Progress):
+                    if (part := self._shares.get(message.id)) is not None:
+                        part.update(message)
                 elif isinstance(message, wire.Ready | wire.Failed):
                     if self._ready is not None and not self._ready.done():
                         self._ready.set_result(message)
@@ -286,7 +290,20 @@ class ProcessEngineClient:
         return reply
 
     async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
-        reply = await self._call(lambda id_: wire.Ask(id_, questions, overrides))
+        part = progress.share(self.label, len(questions))  # None outside a tracked request
+
+        def ask(id_: int) -> wire.Ask:
+            if part is not None:
+                part.call, self._shares[id_] = id_, part
+            return wire.Ask(id_, questions, overrides)
+
+        try:
+            reply = await self._call(ask)
+        finally:
+            if part is not None and part.call is not None:
+                self._shares.pop(part.call, None)
+        if part is not None:
+            part.done, part.tokens = part.total, max(part.tokens, reply.answers.tokens)
         return reply.answers
 
     async def generate(self, make: Callable[[int], wire.Generate],

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from service.backends.base import EngineCallFailed, EngineDead, EngineStats, engines_start_together
 from service.pipeline.balance import merge_arrays, plan_shards
 from service.pipeline.prompting import Overrides
-from service.pool import wire
+from service.pool import vllm_metrics, wire
 from service.pool.client import ProcessEngineClient, engine_environ
 from service.settings import Settings
 
@@ -152,6 +152,10 @@ def engine_client(settings: Settings, environ: Mapping[str, str]) -> ProcessEngi
     """The server's engine client: one worker process, or ``ENGINE_WORKERS`` of them."""
     env = engine_environ(environ)
     if settings.engine_workers == 1:
-        return ProcessEngineClient(settings, env)
-    n = settings.engine_workers
-    return ShardedEngineClient([ProcessEngineClient(settings, env, f"engine worker {i + 1} of {n}") for i in range(n)])
+        client: ProcessEngineClient | ShardedEngineClient = ProcessEngineClient(settings, env)
+    else:
+        n = settings.engine_workers
+        client = ShardedEngineClient([ProcessEngineClient(settings, env, f"engine worker {i + 1} of {n}")
+                                      for i in range(n)])
+    vllm_metrics.prepare(client.workers, settings.engine_stats)  # vLLM's metrics, per worker (service.pool.vllm_metrics)
+    return client

@@ -196,8 +196,17 @@ class Stats(Struct, tag=True):
             setattr(stats, name, max(value, getattr(stats, name)) if name.startswith("peak_") else value)
 
 
+class Progress(Struct, tag=True):
+    """Call ``id``: ``done`` of its ``total`` questions finished, ``tokens`` generated (service.pool.progress)."""
+
+    id: int
+    done: int
+    total: int
+    tokens: int
+
+
 Message = (Start | Ask | Generate | SetPrompt | Cancel | Stop | Hello | Failed | Ready | Answered | PromptSet | Dead
-           | Error | Stats | Deltas | Generated | Invalid)
+           | Error | Stats | Deltas | Generated | Invalid | Progress)
 _encoder = msgspec.msgpack.Encoder()
 _json_encoder = msgspec.json.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

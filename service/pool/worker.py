@@ -27,7 +27,7 @@ from typing import Any
 from service.backends import build_engine
 from service.backends.base import Engine, EngineDead, EngineRejected, EngineStats, EngineUnavailable
 from service.pipeline.prompting import Overrides
-from service.pool import wire
+from service.pool import progress, wire
 from service.pool.procs import become_subreaper, freeze_heap, reap_children
 from service.settings import Settings, SettingsError
 
@@ -150,6 +150,8 @@ async def _watch(client: LocalEngineClient, writer: asyncio.StreamWriter, dead: 
         if frame != last:
             wire.send(writer, frame)
             last = frame
+        for call in progress.pending_frames():  # per-call progress, at most once per STATS_EVERY
+            wire.send(writer, call)
         if not dead.done() and (problem := client.alive()) is not None:
             dead.set_result(problem)
         await asyncio.sleep(STATS_EVERY)
@@ -180,6 +182,7 @@ async def _handle(client: LocalEngineClient, message: wire.Ask | wire.Generate |
     reply: wire.Message
     try:
         if isinstance(message, wire.Ask):
+            progress.begin(message.id, len(message.questions))
             await faults.apply(message.questions)
             answers = await client.answer(message.questions, message.overrides)
             reply = wire.Answered(message.id, answers)
