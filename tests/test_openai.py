@@ -204,26 +204,33 @@ def test_metrics_count_v1_requests_and_tokens(client: openai.OpenAI, keyed: Serv
     assert re.search(r'qa_generated_tokens_total\{route="openai"\} [1-9]', text)
 
 
-def _in_flight(service: Service) -> float:
+def _gauge(service: Service, name: str) -> float:
     _, text = http_json("GET", service.url + "/metrics")
-    return float(re.search(r"^qa_in_flight_questions (\S+)$", text, re.M).group(1))
+    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
 
 
 def test_a_closed_stream_is_aborted_in_the_engine(keyed: Service) -> None:
-    body = json.dumps({"model": NAME, "prompt": "什么是CUDA？", "max_tokens": 900, "ignore_eos": True,
+    """16 streamed prompts of up to 1,000 tokens each: closing the socket while the engine runs them ends them."""
+    n = 16
+    body = json.dumps({"model": NAME, "prompt": ["什么是CUDA？"] * n, "max_tokens": 1000, "ignore_eos": True,
                        "stream": True}).encode()
     with socket.create_connection(("127.0.0.1", keyed.port)) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         assert b"200 OK" in sock.recv(4096)
-        deadline = time.monotonic() + 30
-        while _in_flight(keyed) < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _in_flight(keyed) == 1
-    deadline = time.monotonic() + 10  # the socket is closed: the question leaves the engine
-    while _in_flight(keyed) > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _in_flight(keyed) == 0
+        seen, deadline = 0.0, time.monotonic() + 30
+        while seen < n and time.monotonic() < deadline:
+            seen = max(seen, _gauge(keyed, "qa_in_flight_questions"))
+            time.sleep(0.05)
+        assert seen == n, f"{seen} of the {n} prompts were seen in the engine"
+        assert _gauge(keyed, "qa_engine_running_sequences") > 0, "the prompts finished before the socket closed"
+    closed = time.monotonic()  # the socket is closed: the prompts leave the engine
+    while _gauge(keyed, "qa_in_flight_questions") > 0 and time.monotonic() < closed + 10:
+        time.sleep(0.05)
+    assert _gauge(keyed, "qa_in_flight_questions") == 0
+    assert _gauge(keyed, "qa_engine_running_sequences") == 0
+    assert time.monotonic() - closed < 3.0, "the engine kept the closed stream's prompts"
 
 
 def test_engine_gone_is_503_then_it_serves_again(client: openai.OpenAI, keyed: Service) -> None:

@@ -328,7 +328,9 @@ def test_concurrent_singles_share_the_engine(service: Service) -> None:
     with Window(service, "qa_engine_running_sequences") as window:
         ask_singles(service, questions(128), 64)
     most = window.max["qa_engine_running_sequences"]
-    assert most >= 16, f"the engine never ran more than {most} of these sequences at once: requests were serialised"
+    # Serialised requests show 1. How many overlap depends on how fast 64 client threads send on a loaded
+    # machine (7 on a busy CI run, 30+ when idle), so the bound is one that only batching across requests reaches.
+    assert most >= 4, f"the engine never ran more than {most} of these sequences at once: requests were serialised"
 
 
 def test_info_masks_secrets_and_shows_settings(service: Service) -> None:
