@@ -11,6 +11,7 @@ both.  Prints each round's output throughput and the ratio of the medians.  A be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -92,7 +93,8 @@ def main() -> None:
     if not (settings.model_dir / "config.json").is_file():
         raise SystemExit(f"no model in {model_dir}: run `inv download --preset {ns.preset}` first")
     env = {**os.environ, **values, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(settings.omp_num_threads)}
-    theirs_env = {k: v for k, v in env.items() if not k.startswith("VLLM_")}  # the project's VLLM_* names
+    own = {f.name.upper() for f in dataclasses.fields(Settings)}  # the project's VLLM_* names, as the worker drops
+    theirs_env = {k: v for k, v in env.items() if not (k.startswith("VLLM_") and k in own)}
     out = Path(tempfile.mkdtemp(prefix="vs-vllm-serve-"))
     ours_port, theirs_port = 18311, 18312
     servers = {

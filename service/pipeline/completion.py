@@ -18,10 +18,13 @@ from service.settings import Settings
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-class Sampling(msgspec.Struct, frozen=True, kw_only=True):
-    """What a ``/v1`` request sets (None: the setting's value, or the engine's default where there is none)."""
+class Knobs(msgspec.Struct, frozen=True, kw_only=True):
+    """The sampling values a ``/v1`` request sets as they are (None: the setting's value, or the engine's default).
 
-    max_tokens: int | None = None
+    Named once: the request bodies (``service.http.v1.schemas``) extend it, and ``Sampling`` adds what the
+    route derives (the budget, the stop list, the log-probability counts).
+    """
+
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -29,10 +32,20 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    stop: list[str] = []
     seed: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+
+    def knobs(self) -> dict[str, Any]:
+        """These fields' values, by name."""
+        return {name: getattr(self, name) for name in Knobs.__struct_fields__}
+
+
+class Sampling(Knobs, frozen=True, kw_only=True):
+    """What one ``/v1`` call asks of the engine, as the wire carries it."""
+
+    max_tokens: int | None = None
+    stop: list[str] = []
     logprobs: int | None = None  # top-N log probabilities of every generated token (0: the sampled one only)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions with ``echo``)
 

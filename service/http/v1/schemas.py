@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
-from service.pipeline.completion import Sampling
+from service.pipeline.completion import Knobs, Sampling
 from service.pipeline.limits import INT64_MAX, LIMITS, Limit
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -51,26 +51,16 @@ class StreamOptions(Struct, forbid_unknown_fields=True):
     include_usage: bool = False
 
 
-class _Common(Struct, kw_only=True, forbid_unknown_fields=True):
-    """Parameters both endpoints take (vLLM's extensions included: top_k, min_p, repetition_penalty, ...)."""
+class _Common(Knobs, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Parameters both endpoints take: the sampling knobs (vLLM's extensions included) and these."""
 
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
     logit_bias: dict[str, float] | None = None
 
     def check(self) -> None:
@@ -98,11 +88,8 @@ class _Common(Struct, kw_only=True, forbid_unknown_fields=True):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> Sampling:
-        return Sampling(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                        min_p=self.min_p, presence_penalty=self.presence_penalty,
-                        frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-                        stop=self.stops(), seed=self.seed, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
-                        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        return Sampling(**self.knobs(), max_tokens=max_tokens, stop=self.stops(), logprobs=logprobs,
+                        prompt_logprobs=prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -115,7 +102,7 @@ def _logprobs_count(name: str, value: int | None) -> int | None:
     return value
 
 
-class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
+class CompletionRequest(_Common, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or lists of token ids."""
 
     prompt: str | list[Any]
@@ -166,7 +153,7 @@ class Message(Struct, forbid_unknown_fields=True):
     name: str | None = None
 
 
-class ChatRequest(_Common, kw_only=True, forbid_unknown_fields=True):
+class ChatRequest(_Common, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/chat/completions``: ``messages`` through the model's chat template."""
 
     messages: list[Message]
