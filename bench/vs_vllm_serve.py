@@ -5,7 +5,7 @@ the preset named) and the same environment; ``vllm bench serve`` (vLLM's own cli
 workload to each, in alternating rounds (ours, theirs, ours, ...) so that drift of this noisy machine hits
 both.  Prints each round's output throughput and the ratio of the medians.  A benchmark, not a test.
 
-    python -m bench.vs_vllm_serve --rounds 3 --num-prompts 200 --input-len 128 --output-len 64
+    python -m bench.vs_vllm_serve --rounds 5 --num-prompts 1000 --input-len 128 --output-len 64 [--penalties off]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _bench(base: str, name: str, model_dir: str, ns: argparse.Namespace, out: Pa
            "--endpoint", "/v1/completions", "--model", name, "--tokenizer", model_dir, "--dataset-name", "random",
            "--random-input-len", str(ns.input_len), "--random-output-len", str(ns.output_len), "--ignore-eos",
            "--num-prompts", str(ns.num_prompts), "--seed", "0", "--save-result", "--result-dir", str(out),
-           "--result-filename", result.name]
+           "--result-filename", result.name, *ns.sampling_flags]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     data = json.loads(result.read_text())
     if data.get("completed") != ns.num_prompts:
@@ -74,10 +74,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="demo", help="preset whose engine arguments both servers use")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per server, alternating")
-    parser.add_argument("--num-prompts", type=int, default=200, help="requests per round")
+    parser.add_argument("--num-prompts", type=int, default=1000, help="requests per round")
+    parser.add_argument("--warmup", type=int, default=1, help="unrecorded rounds per server before the first")
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     parser.add_argument("--output-len", type=int, default=64, help="generated tokens per request (ignore_eos)")
     parser.add_argument("--model-dir", default="", help="model to serve (default: the preset's MODEL_DIR)")
+    parser.add_argument("--penalties", choices=("settings", "off"), default="settings",
+                        help="sampling sent with every request to both servers: the settings' values (what /predict "
+                             "and /v1 use when a request leaves them out), or greedy with no penalties")
     ns = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from env import layer
@@ -90,6 +94,14 @@ def main() -> None:
     values.update(WARMUP_DATA_PATH="", LOG_LEVEL="warning")
     settings = Settings.from_environ(values)
     model_dir = str(settings.model_dir)
+    # Both servers get the same explicit sampling: left out, /v1 takes the settings' values (penalties on) while
+    # vllm serve takes the model's generation config, and the two would not do the same work.
+    penalties = ns.penalties == "settings"
+    ns.sampling_flags = ["--temperature", str(settings.temperature if penalties else 0.0),
+                         "--top-p", str(settings.top_p if penalties else 1.0),
+                         "--top-k", str(settings.top_k if penalties else -1),
+                         "--repetition-penalty", str(settings.repetition_penalty if penalties else 1.0),
+                         "--frequency-penalty", str(settings.frequency_penalty if penalties else 0.0)]
     if not (settings.model_dir / "config.json").is_file():
         raise SystemExit(f"no model in {model_dir}: run `inv download --preset {ns.preset}` first")
     env = {**os.environ, **values, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(settings.omp_num_threads)}
@@ -111,13 +123,19 @@ def main() -> None:
         for name, (proc, base, health, _) in servers.items():
             _wait(base + health, proc)
             print(f"{name} ready", flush=True)
+        for round_ in range(1, ns.warmup + 1):
+            for name, (_, base, _, bench_env) in servers.items():
+                print(f"warm-up {round_} {name}: {_bench(base, 'm', model_dir, ns, out, bench_env):.1f} output tokens/s",
+                      flush=True)
         figures: dict[str, list[float]] = {"ours": [], "theirs": []}
         for round_ in range(1, ns.rounds + 1):
             for name, (_, base, _, bench_env) in servers.items():
                 figures[name].append(_bench(base, "m", model_dir, ns, out, bench_env))
                 print(f"round {round_} {name}: {figures[name][-1]:.1f} output tokens/s", flush=True)
         ours, theirs = statistics.median(figures["ours"]), statistics.median(figures["theirs"])
-        print(f"median output tokens/s: ours {ours:.1f}, vllm serve {theirs:.1f}, ratio {ours / theirs:.3f}")
+        paired = statistics.median(a / b for a, b in zip(figures["ours"], figures["theirs"], strict=True))
+        print(f"median output tokens/s: ours {ours:.1f}, vllm serve {theirs:.1f}, ratio {ours / theirs:.3f} "
+              f"(paired {paired:.3f})")
     finally:
         for proc, *_ in servers.values():
             try:

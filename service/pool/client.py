@@ -104,6 +104,7 @@ class ProcessEngineClient:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._outbox: wire.Outbox | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._listeners: dict[int, Callable[[list[wire.Piece]], None]] = {}  # streaming calls' pieces
@@ -171,6 +172,7 @@ class ProcessEngineClient:
         reader, self._writer = await asyncio.open_connection(sock=self._sock, limit=2**26)
         self._ready = asyncio.get_running_loop().create_future()
         self._reader_task = asyncio.create_task(self._read(reader), name=f"{self.label}-reader")
+        self._outbox = wire.Outbox(self._writer)
         wire.send(self._writer, wire.Start())
         ready = await self._ready
         if isinstance(ready, wire.Failed):
@@ -256,7 +258,7 @@ class ProcessEngineClient:
 
     async def _call(self, make: Any, listener: Callable[[list[wire.Piece]], None] | None = None) -> Any:
         """Send one call and wait for its reply; cancelling the caller cancels the call in the worker."""
-        if (problem := self.alive()) is not None or self._writer is None:
+        if (problem := self.alive()) is not None or self._writer is None or self._outbox is None:
             raise EngineDead(problem or "the engine is not started")
         self._next += 1
         id_ = self._next
@@ -267,13 +269,13 @@ class ProcessEngineClient:
         if listener is not None:
             self._listeners[id_] = listener
         try:
-            wire.send(self._writer, make(id_))
+            self._outbox.send(make(id_))
             await self._writer.drain()
             reply = await future
         except asyncio.CancelledError:
             if self._pending.pop(id_, None) is not None and self._dead is None:
                 with contextlib.suppress(ConnectionError, RuntimeError):
-                    wire.send(self._writer, wire.Cancel(id_))
+                    self._outbox.send(wire.Cancel(id_))
             raise
         except (ConnectionError, RuntimeError) as exc:
             self._pending.pop(id_, None)
@@ -343,6 +345,8 @@ class ProcessEngineClient:
         self._dead = self._dead or "the engine is shut down"
         if serving and self._writer is not None and proc.poll() is None:
             with contextlib.suppress(ConnectionError, RuntimeError):
+                if self._outbox is not None:
+                    self._outbox.flush()  # calls and cancels still waiting for this round go first
                 wire.send(self._writer, wire.Stop())
                 await self._writer.drain()
         elif proc.poll() is None:

@@ -160,8 +160,8 @@ async def _watch(client: LocalEngineClient, writer: asyncio.StreamWriter, dead: 
 class Emitter:
     """Streamed pieces of one call, sent as one ``Deltas`` frame per round of the event loop (not per token)."""
 
-    def __init__(self, call_id: int, writer: asyncio.StreamWriter):
-        self.call_id, self.writer = call_id, writer
+    def __init__(self, call_id: int, outbox: wire.Outbox):
+        self.call_id, self.outbox = call_id, outbox
         self.pieces: list[wire.Piece] = []
 
     def __call__(self, piece: wire.Piece) -> None:
@@ -172,12 +172,11 @@ class Emitter:
     def flush(self) -> None:
         if self.pieces:
             pieces, self.pieces = self.pieces, []
-            with contextlib.suppress(ConnectionError, RuntimeError):  # the API process may be gone
-                self.writer.write(wire.frame(wire.Deltas(self.call_id, pieces)))
+            self.outbox.put(wire.frame(wire.Deltas(self.call_id, pieces)))
 
 
 async def _handle(client: LocalEngineClient, message: wire.Ask | wire.Generate | wire.SetPrompt,
-                  writer: asyncio.StreamWriter, faults: Faults) -> None:
+                  outbox: wire.Outbox, faults: Faults) -> None:
     """One call: its result, or an error frame for anything it raises. Cancelled (wire.Cancel): no reply."""
     reply: wire.Message
     try:
@@ -189,7 +188,7 @@ async def _handle(client: LocalEngineClient, message: wire.Ask | wire.Generate |
         elif isinstance(message, wire.Generate):
             await faults.apply([p for p in message.prompts if isinstance(p, str)]
                                + [m.get("content", "") for m in message.messages or []])
-            emitter = Emitter(message.id, writer) if message.stream else None
+            emitter = Emitter(message.id, outbox) if message.stream else None
             reply = await client.complete(message, emitter)
             if emitter is not None:
                 emitter.flush()  # the last pieces go before the end of the call
@@ -206,12 +205,12 @@ async def _handle(client: LocalEngineClient, message: wire.Ask | wire.Generate |
     except Exception as exc:  # every call ends: its caller gets the error, the traceback stays here
         log.exception("call %d (%s) failed", message.id, type(message).__name__)
         body = wire.frame(wire.Error(message.id, f"{type(exc).__name__}: {exc}", type(exc).__name__))
+    outbox.put(body)
     with contextlib.suppress(ConnectionError, RuntimeError):  # the API process may be gone
-        writer.write(body)
-        await writer.drain()
+        await outbox.writer.drain()
 
 
-async def _receive(client: LocalEngineClient, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+async def _receive(client: LocalEngineClient, reader: asyncio.StreamReader, outbox: wire.Outbox,
                    calls: dict[int, asyncio.Task[None]], faults: Faults) -> None:
     """Start a task per call, cancel one on Cancel; return on Stop or when the API process goes away."""
     while True:
@@ -228,7 +227,7 @@ async def _receive(client: LocalEngineClient, reader: asyncio.StreamReader, writ
                 task.cancel()
                 log.info("call %d cancelled (its client went away): its questions are aborted", message.id)
         elif isinstance(message, wire.Ask | wire.Generate | wire.SetPrompt):
-            task = asyncio.create_task(_handle(client, message, writer, faults))
+            task = asyncio.create_task(_handle(client, message, outbox, faults))
             calls[message.id] = task
             task.add_done_callback(lambda _, id_=message.id: calls.pop(id_, None))
 
@@ -257,7 +256,7 @@ async def serve(client: LocalEngineClient, sock: socket.socket, faults: Faults =
                                      client.system_prompt))
         dead: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         background.append(asyncio.create_task(_watch(client, writer, dead)))
-        receiving = asyncio.create_task(_receive(client, reader, writer, calls, faults))
+        receiving = asyncio.create_task(_receive(client, reader, wire.Outbox(writer), calls, faults))
         background.append(receiving)
         await asyncio.wait({receiving, dead}, return_when=asyncio.FIRST_COMPLETED)
         if not dead.done():

@@ -107,10 +107,11 @@ def v1_router(state: QAState) -> Router:
                 return Response(b"", status_code=CLIENT_CLOSED)
             count(result)
             return Response(msgspec.json.encode(shape.response(result)), status_code=200, media_type=JSON)
-        queue: asyncio.Queue[list[wire.Piece]] = asyncio.Queue()
+        queue: asyncio.Queue[list[wire.Piece] | None] = asyncio.Queue()
         task = asyncio.ensure_future(engine.generate(make, queue.put_nowait))
+        task.add_done_callback(lambda _: queue.put_nowait(None))  # after every piece: the worker sends them first
         try:  # wait for the first piece, so that a call refused before any work still gets its 4xx status
-            first = await unless_disconnected(request, _next(queue, task))
+            first = await unless_disconnected(request, queue.get())
         except ClientGone:
             task.cancel()
             return Response(b"", status_code=CLIENT_CLOSED)
@@ -149,24 +150,7 @@ def v1_router(state: QAState) -> Router:
                   exception_handlers=handlers)
 
 
-async def _next(queue: asyncio.Queue[list[wire.Piece]], task: asyncio.Future[Any]) -> list[wire.Piece] | None:
-    """The next batch of pieces, or None once the call has ended and every piece was taken."""
-    if not queue.empty():
-        return queue.get_nowait()
-    if task.done():
-        return None
-    getter = asyncio.ensure_future(queue.get())
-    try:
-        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not getter.done():
-            getter.cancel()
-    if getter.done() and not getter.cancelled():
-        return getter.result()
-    return queue.get_nowait() if not queue.empty() else None
-
-
-async def _events(shape: Shape, queue: asyncio.Queue[list[wire.Piece]], task: asyncio.Future[Any],
+async def _events(shape: Shape, queue: asyncio.Queue[list[wire.Piece] | None], task: asyncio.Future[Any],
                   first: list[wire.Piece], include_usage: bool,
                   count: Callable[[wire.Generated], None]) -> AsyncIterator[bytes]:
     """The stream's events; an error after the first event becomes an error event, then ``[DONE]``."""
@@ -178,7 +162,7 @@ async def _events(shape: Shape, queue: asyncio.Queue[list[wire.Piece]], task: as
         while pieces is not None:
             for event in shape.chunks(pieces):
                 yield event
-            pieces = await _next(queue, task)
+            pieces = await queue.get()  # None once the call has ended
         result: wire.Generated = task.result()
         for event in shape.closing():
             yield event

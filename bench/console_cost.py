@@ -1,0 +1,74 @@
+"""``python -m bench.console_cost``: what an open console page costs ``/predict`` (docs/performance.md).
+
+One service on the demo preset; ``python -m bench.bench --url ... --ceiling`` against it twice (or more), in the
+order ``--cases`` gives: ``closed`` (no page) and ``open`` (``bench.console_watch`` keeps the page open in
+headless Chromium on this machine, polling as a user's browser does).  Each bench alternates service and
+ceiling rounds, so each case has its own service/ceiling ratio measured under the same conditions.  A
+benchmark, not a test; needs Selenium, ``chromium`` and ``chromium-driver`` for the ``open`` case.
+
+    python -m bench.console_cost --model-dir DIR --n 1000 --rounds 4 --cases closed,open,closed,open
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.console_cost", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default="", help="model to serve (default: the demo preset's MODEL_DIR)")
+    parser.add_argument("--n", type=int, default=1000, help="questions per round")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating service/ceiling rounds per case")
+    parser.add_argument("--cases", default="closed,open", help="comma-separated: closed, open")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="variable for both engines")
+    ns = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from bench.served import started_service
+    from env import layer
+
+    values = {k: v.value for k, v in layer(os.environ, "demo", force=True).items()}
+    if ns.model_dir:
+        values["MODEL_DIR"] = ns.model_dir
+    values.update(dict(item.split("=", 1) for item in ns.set))
+    env = {**os.environ, **values}
+    out = Path(tempfile.mkdtemp(prefix="console-cost-"))
+    ratios: dict[str, list[float]] = {}
+    with started_service(env, out / "service.log") as (url, _, _):
+        for index, case in enumerate(ns.cases.split(",")):
+            watcher = None
+            if case == "open":
+                watcher = subprocess.Popen([sys.executable, "-m", "bench.console_watch", url], cwd=ROOT,
+                                           env={**env, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+            elif case != "closed":
+                raise SystemExit(f"--cases: {case!r} is neither closed nor open")
+            report = out / f"{index}-{case}.json"
+            try:
+                subprocess.run([sys.executable, "-m", "bench.bench", "--url", url, "--preset", "demo", "--n",
+                                str(ns.n), "--rounds", str(ns.rounds), "--ceiling", "--output", str(report),
+                                *(f"--set={item}" for item in [f"MODEL_DIR={values['MODEL_DIR']}", *ns.set])],
+                               check=True, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
+            finally:
+                if watcher is not None:
+                    os.killpg(watcher.pid, signal.SIGINT)
+                    watcher.wait(60)
+            data = json.loads(report.read_text())
+            service, ceiling = data["service"]["runs_s"], data["ceiling"]["runs_s"]
+            ratio = data["ratio"]["service/ceiling (median seconds)"]
+            ratios.setdefault(case, []).append(ratio)
+            print(f"{case}: service {service} s, ceiling {ceiling} s, median ratio {ratio:.3f}, paired "
+                  f"{data['ratio']['service/ceiling (paired, median)']:.3f}", flush=True)
+    for case, values_ in ratios.items():
+        print(f"{case}: median ratios {', '.join(f'{r:.3f}' for r in values_)}")
+
+
+if __name__ == "__main__":
+    main()
