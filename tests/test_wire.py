@@ -50,3 +50,31 @@ def test_batch_encoding_gives_the_tokenizer_call_ids(demo_model: Path) -> None:
     assert encode_prompts(tokenizer, prompts) == expected
     tokenizer._tokenizer.enable_truncation(4)  # a tokenizer that truncates: the plain call (which does not)
     assert encode_prompts(tokenizer, prompts) == expected
+
+
+def test_the_outbox_writes_a_rounds_frames_at_once_and_in_order() -> None:
+    """A thousand frames put in one event-loop round reach a real socket pair in one write, in their order."""
+    import asyncio
+    import socket
+
+    async def main() -> tuple[int, list[wire.Message]]:
+        left, right = socket.socketpair()
+        reader, keep = await asyncio.open_connection(sock=right)  # both ends' transports stay referenced
+        unused, writer = await asyncio.open_connection(sock=left)
+        writes: list[bytes] = []
+        write = writer.write
+        writer.write = lambda data: (writes.append(data), write(data))[1]  # type: ignore[method-assign]
+        outbox = wire.Outbox(writer)
+        for id_ in range(1000):
+            outbox.send(wire.Cancel(id_))
+        outbox.send(wire.Stop())
+        assert writes == []  # nothing leaves before the round ends
+        got = [await wire.recv(reader) for _ in range(1001)]
+        writer.close()
+        keep.close()
+        del unused
+        return len(writes), got
+
+    count, got = asyncio.run(main())
+    assert count == 1
+    assert [m.id for m in got[:-1]] == list(range(1000)) and isinstance(got[-1], wire.Stop)
