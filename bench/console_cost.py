@@ -53,7 +53,7 @@ def main() -> None:
             report = out / f"{index}-{case}.json"
             try:
                 subprocess.run([sys.executable, "-m", "bench.bench", "--url", url, "--preset", "demo", "--n",
-                                str(ns.n), "--rounds", str(ns.rounds), "--ceiling", "--output", str(report),
+                                str(ns.n), "--rounds", str(ns.rounds), "--ceiling", "--json", "--output", str(report),
                                 *(f"--set={item}" for item in [f"MODEL_DIR={values['MODEL_DIR']}", *ns.set])],
                                check=True, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
             finally:
