@@ -33,6 +33,7 @@ LAYOUT_KEYS = (
     "VLLM_COMPILATION_MODE",
     "VLLM_CUDAGRAPH_MODE",
     "ENGINE_FRONTEND",
+    "ENGINE_STATS",
     "BATCH_CONCURRENCY",
 )
 PARALLEL_KEYS = ("TENSOR_PARALLEL_SIZE", "PIPELINE_PARALLEL_SIZE", "DATA_PARALLEL_SIZE")
@@ -43,7 +44,7 @@ NO_GPU = {
     "ENGINE_WORKERS": "1", "GPU_MEMORY_UTILIZATION": "0.97", "VLLM_KV_CACHE_MEMORY_BYTES": "",
     "VLLM_MAX_NUM_SEQS": "1024", "VLLM_MAX_NUM_BATCHED_TOKENS": "", "VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE": "",
     "VLLM_CUDAGRAPH_CAPTURE_SIZES": "", "VLLM_COMPILATION_MODE": "", "VLLM_CUDAGRAPH_MODE": "",
-    "ENGINE_FRONTEND": "async", "BATCH_CONCURRENCY": "512",
+    "ENGINE_FRONTEND": "async", "ENGINE_STATS": "1", "BATCH_CONCURRENCY": "512",
 }
 NO_GPU_REASON = "no NVIDIA GPU: the engine's defaults"
 # The GPU values come from env/hopper-0.5b.env, measured with Qwen2.5-0.5B on an H100 80 GB and an H200 141 GB
@@ -266,6 +267,12 @@ def _plan(values: Mapping[str, str], hw: Hardware, shape: ModelShape | None) -> 
     frontend = "sync" if engines > 1 else "async"
     out["ENGINE_FRONTEND"] = (frontend, f"{many}: " + ("LLMEngine stepped on one thread (faster with several engines)"
                                                        if engines > 1 else "AsyncLLM (faster with one engine)"))
+    # Measured on the H200 (docs/performance.md, session 8): six engines, routing off, 3.27 s with vLLM's
+    # statistics and 3.03 s without (1.11x and 1.03x six offline engines, which keep none); with one engine
+    # session 4 measured 1.077x -> 1.069x. Statistics stay on where they cost little: one engine, no GPU.
+    out["ENGINE_STATS"] = (("0", f"{many}: vLLM's per-token statistics off (7 % of a batch with six engines on"
+                                 " the H200); ENGINE_STATS=1 brings back vllm: metrics") if engines > 1
+                           else ("1", f"{many}: vLLM's statistics on (vllm: metrics in /metrics)"))
     concurrency = max(MIN_BATCH_CONCURRENCY, BATCH_CONCURRENCY_PER_SEQ * count)
     out["BATCH_CONCURRENCY"] = (str(concurrency), f"max({MIN_BATCH_CONCURRENCY}, {BATCH_CONCURRENCY_PER_SEQ} x "
                                                   f"{count} sequences) per engine")

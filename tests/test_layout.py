@@ -38,7 +38,7 @@ QWEN3_4B = {"num_hidden_layers": 36, "hidden_size": 2560, "num_attention_heads":
 TODAY = {"ENGINE_WORKERS": "1", "GPU_MEMORY_UTILIZATION": "0.97", "VLLM_KV_CACHE_MEMORY_BYTES": "",
          "VLLM_MAX_NUM_SEQS": "1024", "VLLM_MAX_NUM_BATCHED_TOKENS": "", "VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE": "",
          "VLLM_CUDAGRAPH_CAPTURE_SIZES": "", "VLLM_COMPILATION_MODE": "", "VLLM_CUDAGRAPH_MODE": "",
-         "ENGINE_FRONTEND": "async", "BATCH_CONCURRENCY": "512"}
+         "ENGINE_FRONTEND": "async", "ENGINE_STATS": "1", "BATCH_CONCURRENCY": "512"}
 
 
 def model_dir(tmp_path: Path, config: dict[str, object], name: str = "model") -> Path:
@@ -106,7 +106,9 @@ def test_h200_small_model_gets_six_engines_and_valid_settings(tmp_path: Path) ->
     assert env["VLLM_MAX_NUM_SEQS"] == "2048" and env["VLLM_MAX_NUM_BATCHED_TOKENS"] == "65536"
     assert env["VLLM_CUDAGRAPH_CAPTURE_SIZES"].split(",")[-1] == env["VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE"] == "2048"
     assert env["BATCH_CONCURRENCY"] == "8192"
+    assert env["ENGINE_STATS"] == "0"  # six scheduler-bound engines: vLLM's statistics cost 7 % of a batch
     settings = Settings.from_environ(env)
+    assert not settings.engine_stats
     assert settings.engine_workers == 6 and settings.vllm_kv_cache_memory_bytes == 12 * GiB
     assert settings.vllm_cudagraph_capture_sizes[-1] == 2048
     reason = derive({"ENGINE_WORKERS": "auto"}, H200, read_model_shape(model))["ENGINE_WORKERS"][1]
@@ -118,6 +120,7 @@ def test_h200_large_model_gets_one_async_engine(tmp_path: Path) -> None:
     assert (env["ENGINE_WORKERS"], env["ENGINE_FRONTEND"], env["VLLM_KV_CACHE_MEMORY_BYTES"]) == ("1", "async", "")
     assert (env["VLLM_MAX_NUM_SEQS"], env["VLLM_MAX_NUM_BATCHED_TOKENS"]) == ("2048", "32768")
     assert env["GPU_MEMORY_UTILIZATION"] == "0.92" and env["VLLM_CUDAGRAPH_CAPTURE_SIZES"] == ""
+    assert env["ENGINE_STATS"] == "1"
     assert Settings.from_environ(env).engine_workers == 1
 
 
@@ -131,6 +134,8 @@ def test_explicit_engine_workers_is_a_constraint(tmp_path: Path) -> None:
     assert env["ENGINE_WORKERS"] == "4" and env["GPU_MEMORY_UTILIZATION"] == "0.24"
     assert env["ENGINE_FRONTEND"] == "sync" and env["VLLM_KV_CACHE_MEMORY_BYTES"].endswith("GiB")
     assert Settings.from_environ(env).engine_workers == 4
+    kept = resolved(H200, model_dir(tmp_path, QWEN25_05B, "again"), ENGINE_STATS="1")
+    assert kept["ENGINE_STATS"] == "1" and kept["ENGINE_WORKERS"] == "6"  # set by hand: the user's value wins
 
 
 def test_memory_and_a_fixed_utilisation_limit_the_engines() -> None:
