@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -348,9 +349,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds: the ceiling's engines and the services started here are stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # killed with SIGTERM, a ceiling engine was left running
     if args.startup:
         result = measure_startup(args)
         text = json.dumps(result, indent=2)

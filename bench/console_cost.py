@@ -15,9 +15,11 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,20 +44,20 @@ def main() -> None:
     env = {**os.environ, **values}
     out = Path(tempfile.mkdtemp(prefix="console-cost-"))
     ratios: dict[str, list[float]] = {}
+    paired: dict[str, list[float]] = {}
     with started_service(env, out / "service.log") as (url, _, _):
         for index, case in enumerate(ns.cases.split(",")):
-            watcher = None
-            if case == "open":
-                watcher = subprocess.Popen([sys.executable, "-m", "bench.console_watch", url], cwd=ROOT,
-                                           env={**env, "PYTHONPATH": str(ROOT)}, start_new_session=True)
-            elif case != "closed":
+            if case not in ("closed", "open"):
                 raise SystemExit(f"--cases: {case!r} is neither closed nor open")
+            watcher = _open_page(url, env, out / f"{index}-watch.log") if case == "open" else None
             report = out / f"{index}-{case}.json"
             try:
                 subprocess.run([sys.executable, "-m", "bench.bench", "--url", url, "--preset", "demo", "--n",
                                 str(ns.n), "--rounds", str(ns.rounds), "--ceiling", "--json", "--output", str(report),
                                 *(f"--set={item}" for item in [f"MODEL_DIR={values['MODEL_DIR']}", *ns.set])],
                                check=True, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
+                if watcher is not None and watcher.poll() is not None:
+                    raise SystemExit(f"the console page closed during case {index} ({case}): see {out}/{index}-watch.log")
             finally:
                 if watcher is not None:
                     os.killpg(watcher.pid, signal.SIGINT)
@@ -64,11 +66,30 @@ def main() -> None:
             service, ceiling = data["service"]["runs_s"], data["ceiling"]["runs_s"]
             ratio = data["ratio"]["service/ceiling (median seconds)"]
             ratios.setdefault(case, []).append(ratio)
+            paired.setdefault(case, []).extend(s / c for s, c in zip(service, ceiling, strict=True))
             print(f"{case}: service {service} s, ceiling {ceiling} s, median ratio {ratio:.3f}, paired "
                   f"{data['ratio']['service/ceiling (paired, median)']:.3f}", flush=True)
     for case, values_ in ratios.items():
-        print(f"{case}: median ratios {', '.join(f'{r:.3f}' for r in values_)}")
+        print(f"{case}: median ratios {', '.join(f'{r:.3f}' for r in values_)}; all {len(paired[case])} rounds: "
+              f"median paired ratio {statistics.median(paired[case]):.3f}")
 
+
+def _open_page(url: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``bench.console_watch`` with the page open and ready, or SystemExit: an "open" case never runs without it."""
+    log_file = log_path.open("wb")
+    watcher = subprocess.Popen([sys.executable, "-m", "bench.console_watch", url], cwd=ROOT,
+                               env={**env, "PYTHONPATH": str(ROOT)}, stdout=log_file, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and watcher.poll() is None:
+        if b"[console_watch] page open, status ready" in log_path.read_bytes():
+            return watcher
+        time.sleep(0.5)
+    if watcher.poll() is None:
+        os.killpg(watcher.pid, signal.SIGINT)
+        watcher.wait(60)
+    raise SystemExit(f"the console page did not open (Selenium, chromium, chromium-driver?): {log_path} ends "
+                     f"{log_path.read_text(errors='replace')[-600:]!r}")
 
 if __name__ == "__main__":
     main()
