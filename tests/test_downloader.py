@@ -591,3 +591,23 @@ def test_inv_download_demo_twice_is_byte_identical(tmp_path: Path, hub: FakeHub)
         trees.append(hash_tree(target))
     assert trees[0] == trees[1] and "model.safetensors" in trees[0]
     assert hub.seen == [], "the demo model is built offline"  # (NO_PROXY covers the hub: autouse fixture)
+
+
+
+def test_a_bare_interpreter_gets_one_clear_line_not_a_traceback(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The launcher's download step in a Python without the project's packages (``inv run --skip-install`` into a
+    bare interpreter): exit 3 and one ``[download]`` line naming the missing package and the interpreter."""
+    from env.steps.download import download_with
+    from env.steps.errors import LaunchError
+    from env.steps.interpreter import probe
+
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    python = probe(bare / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    with pytest.raises(LaunchError) as raised:
+        download_with(python, env)
+    assert raised.value.code == 3 and "lacks the project's packages" in str(raised.value)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert "[download]" in err and "is not installed in" in err and python.executable in err
