@@ -45,17 +45,20 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="console-cost-"))
     ratios: dict[str, list[float]] = {}
     paired: dict[str, list[float]] = {}
-    with started_service(env, out / "service.log") as (url, _, _):
+    with started_service(env, out / "service.log") as (url, api_pid, _):
         for index, case in enumerate(ns.cases.split(",")):
             if case not in ("closed", "open"):
                 raise SystemExit(f"--cases: {case!r} is neither closed nor open")
             watcher = _open_page(url, env, out / f"{index}-watch.log") if case == "open" else None
             report = out / f"{index}-{case}.json"
+            api_cpu, page_cpu, started = _cpu_seconds(api_pid), _cpu_seconds(watcher and watcher.pid, tree=True), time.monotonic()
             try:
                 subprocess.run([sys.executable, "-m", "bench.bench", "--url", url, "--preset", "demo", "--n",
                                 str(ns.n), "--rounds", str(ns.rounds), "--ceiling", "--json", "--output", str(report),
                                 *(f"--set={item}" for item in [f"MODEL_DIR={values['MODEL_DIR']}", *ns.set])],
                                check=True, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
+                api_cpu = _cpu_seconds(api_pid) - api_cpu
+                page_cpu = _cpu_seconds(watcher and watcher.pid, tree=True) - page_cpu
                 if watcher is not None and watcher.poll() is not None:
                     raise SystemExit(f"the console page closed during case {index} ({case}): see {out}/{index}-watch.log")
             finally:
@@ -68,10 +71,33 @@ def main() -> None:
             ratios.setdefault(case, []).append(ratio)
             paired.setdefault(case, []).extend(s / c for s, c in zip(service, ceiling, strict=True))
             print(f"{case}: service {service} s, ceiling {ceiling} s, median ratio {ratio:.3f}, paired "
-                  f"{data['ratio']['service/ceiling (paired, median)']:.3f}", flush=True)
+                  f"{data['ratio']['service/ceiling (paired, median)']:.3f}; CPU during the case "
+                  f"({time.monotonic() - started:.0f} s): API process {api_cpu:.1f} s, the page (browser, driver) "
+                  f"{page_cpu:.1f} s", flush=True)
     for case, values_ in ratios.items():
         print(f"{case}: median ratios {', '.join(f'{r:.3f}' for r in values_)}; all {len(paired[case])} rounds: "
               f"median paired ratio {statistics.median(paired[case]):.3f}")
+
+
+def _cpu_seconds(pid: int | None, tree: bool = False) -> float:
+    """User + system CPU seconds of a process (and, with ``tree``, of its descendants alive now); 0 for None."""
+    import psutil
+
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)] if tree else [root]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def _open_page(url: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
