@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="questions per round")
     parser.add_argument("--rounds", type=int, default=4, help="alternating service/ceiling rounds per case")
     parser.add_argument("--cases", default="closed,open", help="comma-separated: closed, open")
+    parser.add_argument("--page-cpus", default="", metavar="LIST",
+                        help="run the page's browser on these CPUs only (taskset -c LIST), e.g. the core vLLM reserves")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="variable for both engines")
     ns = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -49,7 +51,7 @@ def main() -> None:
         for index, case in enumerate(ns.cases.split(",")):
             if case not in ("closed", "open"):
                 raise SystemExit(f"--cases: {case!r} is neither closed nor open")
-            watcher = _open_page(url, env, out / f"{index}-watch.log") if case == "open" else None
+            watcher = _open_page(url, env, out / f"{index}-watch.log", ns.page_cpus) if case == "open" else None
             report = out / f"{index}-{case}.json"
             api_cpu, page_cpu, started = _cpu_seconds(api_pid), _cpu_seconds(watcher and watcher.pid, tree=True), time.monotonic()
             try:
@@ -100,10 +102,11 @@ def _cpu_seconds(pid: int | None, tree: bool = False) -> float:
     return total
 
 
-def _open_page(url: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def _open_page(url: str, env: dict[str, str], log_path: Path, cpus: str = "") -> subprocess.Popen[bytes]:
     """``bench.console_watch`` with the page open and ready, or SystemExit: an "open" case never runs without it."""
     log_file = log_path.open("wb")
-    watcher = subprocess.Popen([sys.executable, "-m", "bench.console_watch", url], cwd=ROOT,
+    pinned = ["taskset", "-c", cpus] if cpus else []
+    watcher = subprocess.Popen([*pinned, sys.executable, "-m", "bench.console_watch", url], cwd=ROOT,
                                env={**env, "PYTHONPATH": str(ROOT)}, stdout=log_file, stderr=subprocess.STDOUT,
                                start_new_session=True)
     deadline = time.monotonic() + 150
