@@ -346,8 +346,8 @@ class ProcessEngineClient:
         if serving and self._writer is not None and proc.poll() is None:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 if self._outbox is not None:
-                    self._outbox.send(wire.Stop())  # after the calls and cancels still waiting for this round
-                    self._outbox.flush()
+                    self._outbox.flush()  # calls and cancels still waiting for this round go first
+                wire.send(self._writer, wire.Stop())
                 await self._writer.drain()
         elif proc.poll() is None:
             proc.terminate()  # still starting (or restarting): nothing to drain, no need to wait for its engine

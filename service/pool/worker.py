@@ -142,16 +142,16 @@ class Faults:
                 await asyncio.Event().wait()
 
 
-async def _watch(client: LocalEngineClient, outbox: wire.Outbox, dead: asyncio.Future[str]) -> None:
+async def _watch(client: LocalEngineClient, writer: asyncio.StreamWriter, dead: asyncio.Future[str]) -> None:
     """Push the engine's stats when they change; resolve ``dead`` with the reason once the engine has died."""
     last = None
     while True:
         frame = wire.Stats.of(client.stats)
         if frame != last:
-            outbox.send(frame)
+            wire.send(writer, frame)
             last = frame
         for call in progress.pending_frames():  # per-call progress, at most once per STATS_EVERY
-            outbox.send(call)
+            wire.send(writer, call)
         if not dead.done() and (problem := client.alive()) is not None:
             dead.set_result(problem)
         await asyncio.sleep(STATS_EVERY)
@@ -255,18 +255,16 @@ async def serve(client: LocalEngineClient, sock: socket.socket, faults: Faults =
         wire.send(writer, wire.Ready(client.init_seconds, client.max_model_len, client.chat_format,
                                      client.system_prompt))
         dead: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        outbox = wire.Outbox(writer)  # every frame from here on, in one order: replies, pieces, stats, Dead
-        background.append(asyncio.create_task(_watch(client, outbox, dead)))
-        receiving = asyncio.create_task(_receive(client, reader, outbox, calls, faults))
+        background.append(asyncio.create_task(_watch(client, writer, dead)))
+        receiving = asyncio.create_task(_receive(client, reader, wire.Outbox(writer), calls, faults))
         background.append(receiving)
         await asyncio.wait({receiving, dead}, return_when=asyncio.FIRST_COMPLETED)
         if not dead.done():
             return 0
         log.error("the engine died (%s); the engine worker exits so that it is restarted", dead.result())
         for id_ in list(calls):
-            outbox.send(wire.Dead(id_, dead.result()))
-        outbox.send(wire.Failed(dead.result(), 4))  # the API process knows at once, not after our shutdown
-        outbox.flush()  # after the replies already put: a call that ended keeps its answer
+            wire.send(writer, wire.Dead(id_, dead.result()))
+        wire.send(writer, wire.Failed(dead.result(), 4))  # the API process knows at once, not after our shutdown
         with contextlib.suppress(ConnectionError, RuntimeError):
             await writer.drain()
         return 4
