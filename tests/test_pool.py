@@ -2,9 +2,9 @@
 
 Real uvicorn processes on the demo model with the real vLLM CPU engine, real HTTP, real signals; the only
 help is the worker's test-only fault switch (FAULT_INJECT).  Three servers, one per class (an engine takes
-30-60 s to start here): one worker with the async front end (a fault, a dropped request, SIGKILL of the
-worker and of vLLM's EngineCore), two workers (one killed mid-batch), and the sync front end with
-RESTART_LIMIT=1 (a dropped request, a stuck call, then the crash too many: exit 1).
+30-60 s to start here): one worker with the async front end (a fault, a dropped request, an engine death as
+a call is answered, SIGKILL of the worker and of vLLM's EngineCore), two workers (one killed mid-batch), and
+the sync front end with RESTART_LIMIT=1 (a dropped request, a stuck call, then the crash too many: exit 1).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from tests.test_service import SHORT, metric, questions
 
 FAULT = "<<FAULT>>"  # a question with this text makes its call raise in the worker (FAULT_INJECT=raise_on=...)
 HANG = "<<HANG>>"  # ... makes its call hang (hang_on=...): the stall detector must end it
+DIE = "<<DIE>>"  # ... makes the engine count as dead once its call is answered (die_after=...)
 
 
 def restart_deadline(svc: Service) -> float:
@@ -193,7 +194,8 @@ def server(demo_model: Path, tmp: Path, **extra: str) -> Iterator[Service]:
 
 @pytest.fixture(scope="class")
 def faulty(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    yield from server(demo_model, tmp_path_factory.mktemp("faulty"), FAULT_INJECT=f"raise_on={FAULT}")
+    yield from server(demo_model, tmp_path_factory.mktemp("faulty"),
+                      FAULT_INJECT=f"raise_on={FAULT};die_after={DIE}")
 
 
 class TestOneWorker:
@@ -222,6 +224,22 @@ class TestOneWorker:
 
     def test_a_dropped_request_is_aborted_in_the_engine(self, faulty: Service) -> None:
         check_drop_stops_the_work(faulty)
+
+    def test_an_answer_made_as_the_engine_dies_reaches_its_caller(self, faulty: Service) -> None:
+        """The worker sees its engine die in the round before this call's reply leaves: the reply still goes
+        first, then the death (the API process ends every open call at the first Dead or Failed frame)."""
+        before = info(faulty)
+        (worker,) = before["workers"]
+        status, body = http_json("POST", faulty.url + "/predict", {"prompt": [SHORT, f"{DIE} 答完这个引擎就算死了"]},
+                                 timeout=60)
+        assert status == 200, body
+        assert len(body["response"]) == 2 and "errors" not in body and all(body["response"]), body
+        assert "FAULT_INJECT: the engine counts as dead" in faulty.server.log()
+        wait_for(lambda: health(faulty)[1].get("status") == "batch" and info(faulty)["restarts"] == before["restarts"] + 1,
+                 restart_deadline(faulty), "the worker restarted and back to batch", every=0.5)
+        assert info(faulty)["workers"][0]["pid"] != worker["pid"]
+        wait_for(lambda: not group(worker["pid"]), 10, "the old worker's processes gone")
+        assert timed_single(faulty) < 30
 
     def test_sigkill_of_the_worker_mid_batch(self, faulty: Service) -> None:
         crash_and_recover(faulty, lambda worker: worker)

@@ -117,21 +117,24 @@ def _die_with_parent() -> None:
 
 @dataclass(frozen=True)
 class Faults:
-    """FAULT_INJECT, for tests only: questions that make their call raise (``raise_on``) or hang (``hang_on``)."""
+    """FAULT_INJECT, for tests only: questions that make their call raise (``raise_on``) or hang (``hang_on``),
+    or make the engine count as dead once their call is answered (``die_after``)."""
 
     raise_on: tuple[str, ...] = ()
     hang_on: tuple[str, ...] = ()
+    die_after: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> Faults:
-        """``raise_on=TEXT;hang_on=TEXT`` (either, both, or empty); ValueError naming what is allowed."""
-        found: dict[str, list[str]] = {"raise_on": [], "hang_on": []}
+        """``raise_on=TEXT;hang_on=TEXT;die_after=TEXT`` (any of them, or empty); ValueError naming what is allowed."""
+        found: dict[str, list[str]] = {"raise_on": [], "hang_on": [], "die_after": []}
         for part in filter(None, (p.strip() for p in text.split(";"))):
             key, sep, value = part.partition("=")
             if not sep or key.strip() not in found or not value:
-                raise ValueError(f"FAULT_INJECT={text!r}: allowed raise_on=TEXT and/or hang_on=TEXT, separated by ;")
+                raise ValueError(f"FAULT_INJECT={text!r}: allowed raise_on=TEXT, hang_on=TEXT and die_after=TEXT, "
+                                 "separated by ;")
             found[key.strip()].append(value)
-        return cls(tuple(found["raise_on"]), tuple(found["hang_on"]))
+        return cls(tuple(found["raise_on"]), tuple(found["hang_on"]), tuple(found["die_after"]))
 
     async def apply(self, questions: list[str]) -> None:
         for question in questions:
@@ -140,6 +143,14 @@ class Faults:
             if any(text in question for text in self.hang_on):
                 log.warning("FAULT_INJECT: a question asked this call to hang (test-only fault switch)")
                 await asyncio.Event().wait()
+
+    async def answered(self, questions: list[str], dead: asyncio.Future[str]) -> None:
+        """``die_after``: the engine counts as dead from now, and the call's reply is put one round later, after
+        the worker has seen the death: the narrowest order in which a real death can meet a finished call."""
+        if not dead.done() and any(text in q for q in questions for text in self.die_after):
+            log.warning("FAULT_INJECT: a question asked the engine to count as dead after its answer")
+            dead.set_result("FAULT_INJECT: the engine counts as dead after answering (test-only fault switch)")
+            await asyncio.sleep(0)
 
 
 async def _watch(client: LocalEngineClient, writer: asyncio.StreamWriter, dead: asyncio.Future[str]) -> None:
@@ -176,7 +187,7 @@ class Emitter:
 
 
 async def _handle(client: LocalEngineClient, message: wire.Ask | wire.Generate | wire.SetPrompt,
-                  outbox: wire.Outbox, faults: Faults) -> None:
+                  outbox: wire.Outbox, faults: Faults, dead: asyncio.Future[str]) -> None:
     """One call: its result, or an error frame for anything it raises. Cancelled (wire.Cancel): no reply."""
     reply: wire.Message
     try:
@@ -185,6 +196,7 @@ async def _handle(client: LocalEngineClient, message: wire.Ask | wire.Generate |
             await faults.apply(message.questions)
             answers = await client.answer(message.questions, message.overrides)
             reply = wire.Answered(message.id, answers)
+            await faults.answered(message.questions, dead)
         elif isinstance(message, wire.Generate):
             await faults.apply([p for p in message.prompts if isinstance(p, str)]
                                + [m.get("content", "") for m in message.messages or []])
@@ -211,7 +223,7 @@ async def _handle(client: LocalEngineClient, message: wire.Ask | wire.Generate |
 
 
 async def _receive(client: LocalEngineClient, reader: asyncio.StreamReader, outbox: wire.Outbox,
-                   calls: dict[int, asyncio.Task[None]], faults: Faults) -> None:
+                   calls: dict[int, asyncio.Task[None]], faults: Faults, dead: asyncio.Future[str]) -> None:
     """Start a task per call, cancel one on Cancel; return on Stop or when the API process goes away."""
     while True:
         try:
@@ -227,7 +239,7 @@ async def _receive(client: LocalEngineClient, reader: asyncio.StreamReader, outb
                 task.cancel()
                 log.info("call %d cancelled (its client went away): its questions are aborted", message.id)
         elif isinstance(message, wire.Ask | wire.Generate | wire.SetPrompt):
-            task = asyncio.create_task(_handle(client, message, outbox, faults))
+            task = asyncio.create_task(_handle(client, message, outbox, faults, dead))
             calls[message.id] = task
             task.add_done_callback(lambda _, id_=message.id: calls.pop(id_, None))
 
@@ -256,12 +268,16 @@ async def serve(client: LocalEngineClient, sock: socket.socket, faults: Faults =
                                      client.system_prompt))
         dead: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         background.append(asyncio.create_task(_watch(client, writer, dead)))
-        receiving = asyncio.create_task(_receive(client, reader, wire.Outbox(writer), calls, faults))
+        outbox = wire.Outbox(writer)
+        receiving = asyncio.create_task(_receive(client, reader, outbox, calls, faults, dead))
         background.append(receiving)
         await asyncio.wait({receiving, dead}, return_when=asyncio.FIRST_COMPLETED)
         if not dead.done():
             return 0
         log.error("the engine died (%s); the engine worker exits so that it is restarted", dead.result())
+        # Replies and pieces already put go first: a call answered in the round the death was seen keeps its
+        # answer (the API process ends every open call at the first Dead or Failed frame).
+        outbox.flush()
         for id_ in list(calls):
             wire.send(writer, wire.Dead(id_, dead.result()))
         wire.send(writer, wire.Failed(dead.result(), 4))  # the API process knows at once, not after our shutdown
