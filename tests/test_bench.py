@@ -25,7 +25,7 @@ def test_bench_ceiling_with_two_workers_runs_two_offline_engines(tmp_path: Path,
     """ENGINE_WORKERS=2 with a fixed KV cache: the service starts both engines at once, and the ceiling is two
     offline LLM engines answering the same halves; both generate the same tokens, and nothing is left running.
 
-    A ``--variant`` (the LLMEngine front end) is a second service measured against the same ceiling."""
+    A ``--variant`` (the LLMEngine front end, one engine) is a second service measured against the same ceiling."""
     log = tmp_path / "svc.log"
     report_path = tmp_path / "report.json"
     data = tmp_path / "questions.jsonl"
@@ -37,7 +37,7 @@ def test_bench_ceiling_with_two_workers_runs_two_offline_engines(tmp_path: Path,
     bench = Server(
         [PYTHON, "-m", "bench.bench", "--preset", "demo", "--ceiling", "--data", str(data), "--n", "48", "--rounds", "1",
          "--set", "ENGINE_WORKERS=2", "--set", "VLLM_KV_CACHE_MEMORY_BYTES=256MiB", "--set", f"MODEL_DIR={demo_model}",
-         "--set", "WARMUP_DATA_PATH=", "--variant", "sync ENGINE_FRONTEND=sync", "--log", str(log),
+         "--set", "WARMUP_DATA_PATH=", "--variant", "sync ENGINE_FRONTEND=sync ENGINE_WORKERS=1", "--log", str(log),
          "--output", str(report_path), "--json"],
         demo_env(demo_model), cwd=ROOT, log=tmp_path / "bench.out")
     try:
@@ -57,7 +57,7 @@ def test_bench_ceiling_with_two_workers_runs_two_offline_engines(tmp_path: Path,
     assert sync["service_spawn_to_ready_s"] > 0 and sync["ratio"]["service/ceiling (paired, median)"] > 0
     assert sync["ceiling"]["runs_s"] != ceiling["runs_s"]  # its own rounds, alternating with its service's
     sync_log = (tmp_path / "svc-sync.log").read_text(errors="replace")
-    assert sync_log.count("LLMEngine front end") == 2 and "LLMEngine front end" not in log.read_text()
+    assert sync_log.count("LLMEngine front end") == 1 and "LLMEngine front end" not in log.read_text()
     # Both ceiling engines ran (one log each) and each answered its half.
     for index in (0, 1):
         child_log = (tmp_path / f"svc-ceiling-{index}.log").read_text(errors="replace")

@@ -253,7 +253,8 @@ class TestOneWorker:
 
 @pytest.fixture
 def pair(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    yield from server(demo_model, tmp_path_factory.mktemp("pair"), ENGINE_WORKERS="2", GPU_MEMORY_UTILIZATION="0.1")
+    yield from server(demo_model, tmp_path_factory.mktemp("pair"), ENGINE_WORKERS="2", GPU_MEMORY_UTILIZATION="0.1",
+                      VLLM_KV_CACHE_MEMORY_BYTES="256MiB")  # a fixed KV cache: both engines start at once
 
 
 def test_two_workers_one_killed_mid_batch(pair: Service) -> None:

@@ -6,6 +6,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -189,32 +190,33 @@ def test_one_overlong_question_fails_alone(service: Service) -> None:
     assert len(delivered) == 99 and all(isinstance(a, str) and a for a in delivered)
 
 
-def overlong_fails_alone_without_pretokenize(tmp: Path, model: Path, frontend: str) -> None:
+def overlong_fails_alone(svc: Service, frontend: str) -> None:
     """PRETOKENIZE=0: vLLM itself meets the over-long question; it fails alone and the server answers on."""
+    qs = questions(20)
+    qs[7] = "很长的问题" * 2000
+    for body in ({"prompt": qs}, {"prompt": SHORT}):
+        try:
+            status, reply = http_json("POST", svc.url + "/predict", body, timeout=120)
+        except TimeoutError:
+            raise AssertionError(f"{frontend}: no answer in 120 s to {str(body)[:40]}:\n"
+                                 f"{svc.server.log()[-3000:]}") from None
+        assert status == 200, (frontend, reply)
+        if isinstance(body["prompt"], list):
+            assert len(reply["response"]) == 20 and reply["response"][7] == "", reply
+            assert [e["index"] for e in reply.get("errors", [])] == [7] and reply["errors"][0]["message"]
+            assert all(a for i, a in enumerate(reply["response"]) if i != 7), reply
+        else:
+            assert isinstance(reply["response"], str) and reply["response"]
+
+
+def overlong_fails_alone_without_pretokenize(tmp: Path, model: Path, frontend: str) -> None:
+    """The same on a service of its own with PRETOKENIZE=0 and the given front end."""
     svc = start_service(tmp, demo_env(model, PRETOKENIZE="0", ENGINE_FRONTEND=frontend))
     try:
         svc.wait_ready()
-        qs = questions(20)
-        qs[7] = "很长的问题" * 2000
-        for body in ({"prompt": qs}, {"prompt": SHORT}):
-            try:
-                status, reply = http_json("POST", svc.url + "/predict", body, timeout=120)
-            except TimeoutError:
-                raise AssertionError(f"{frontend}: no answer in 120 s to {str(body)[:40]}:\n"
-                                     f"{svc.server.log()[-3000:]}") from None
-            assert status == 200, (frontend, reply)
-            if isinstance(body["prompt"], list):
-                assert len(reply["response"]) == 20 and reply["response"][7] == "", reply
-                assert [e["index"] for e in reply.get("errors", [])] == [7] and reply["errors"][0]["message"]
-                assert all(a for i, a in enumerate(reply["response"]) if i != 7), reply
-            else:
-                assert isinstance(reply["response"], str) and reply["response"]
+        overlong_fails_alone(svc, frontend)
     finally:
         svc.server.stop()
-
-
-def test_overlong_question_without_pretokenize_fails_alone(tmp_path: Path, demo_model: Path) -> None:
-    overlong_fails_alone_without_pretokenize(tmp_path, demo_model, "async")
 
 
 MALFORMED: list[tuple[str, str, bytes | None, str]] = [
@@ -340,15 +342,27 @@ def engine_peak_over_singles(svc: Service, n: int, clients: int) -> float:
     return metric(svc, "qa_engine_running_sequences_peak")
 
 
-def test_concurrent_singles_share_the_engine(tmp_path: Path, demo_model: Path) -> None:
-    svc = start_service(tmp_path, demo_env(demo_model))
+@pytest.fixture(scope="module")
+def untokenized(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A service of this module's own with PRETOKENIZE=0 (vLLM tokenizes the prompts), for the two tests below,
+    in file order: the first needs a service that has answered nothing yet."""
+    svc = start_service(tmp_path_factory.mktemp("untokenized"),
+                        demo_env(demo_model, PRETOKENIZE="0", ENGINE_FRONTEND="async"))
     try:
         svc.wait_ready()
-        most = engine_peak_over_singles(svc, 128, 64)
+        yield svc
     finally:
         svc.server.stop()
+
+
+def test_concurrent_singles_share_the_engine(untokenized: Service) -> None:
+    most = engine_peak_over_singles(untokenized, 128, 64)
     # Serialised requests show 1; the bound is one that only batching across requests reaches.
     assert most >= 4, f"the engine never ran more than {most} of these sequences at once: requests were serialised"
+
+
+def test_overlong_question_without_pretokenize_fails_alone(untokenized: Service) -> None:
+    overlong_fails_alone(untokenized, "async")
 
 
 def test_info_masks_secrets_and_shows_settings(service: Service) -> None:

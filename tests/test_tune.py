@@ -40,6 +40,7 @@ def test_tune_measures_auto_and_a_candidate_and_writes_a_preset(tmp_path: Path, 
     done = subprocess.run(
         [PYTHON, "-m", "bench.tune", "--preset", "demo", "--data", str(data), "-n", "48", "--rounds", "1",
          "--sample", "8", "--set", f"MODEL_DIR={demo_model}", "--set", "WARMUP_DATA_PATH=",
+         "--set", "VLLM_KV_CACHE_MEMORY_BYTES=256MiB",  # w2's two engines start at once
          "--candidate", "w2 ENGINE_WORKERS=2", "--output", str(output), "--json"],
         env=demo_env(demo_model), cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
