@@ -114,10 +114,16 @@ class Page:
         self.driver.find_element(By.CSS_SELECTOR, css).click()
 
     def wait(self, check: Any, timeout: float, what: str) -> Any:
+        """Poll ``check`` until it returns something true; an element the page redrew meanwhile is a "not yet"."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if (value := check()):
-                return value
+            try:
+                if (value := check()):
+                    return value
+            except StaleElementReferenceException:
+                pass
             time.sleep(0.05)
         self.shot(f"timeout-{re.sub(r'[^a-z0-9]+', '-', what.lower())}")
         raise AssertionError(f"{what}: not within {timeout} s\n{self.svc.server.log()[-2000:]}")
@@ -210,11 +216,14 @@ def test_page_runs_a_500_question_batch_and_its_bar_advances(page: Page) -> None
     assert any(0 < v < 500 for v in values), f"the bar never showed the batch part-done: {sorted(set(values))}"
     assert values == sorted(values), "the bar went backwards"
     assert any("engine worker 1 of 2" in t and "engine worker 2 of 2" in t for t in texts), texts[-1:]
-    done = page.wait(lambda: [r for r in page.all("#finished .req") if r.get_attribute("data-kind") == "console"
-                              and "500/500" in r.text], 5, "the batch among the finished calls")
-    assert done[0].get_attribute("data-state") == "done"
-    bar = done[0].find_element("css selector", "progress")
-    assert bar.get_attribute("value") == bar.get_attribute("max") == "500"
+    # Read in one script: the page redraws its lists while it polls, so an element found in one WebDriver call
+    # can be gone in the next (a CI run failed on a stale element here).
+    done = page.wait(lambda: page.driver.execute_script(
+        "return [...document.querySelectorAll('#finished .req')]"
+        ".filter(r => r.dataset.kind === 'console' && r.innerText.includes('500/500'))"
+        ".map(r => [r.dataset.state, r.querySelector('progress').value, r.querySelector('progress').max])"),
+        5, "the batch among the finished calls")
+    assert done[0] == ["done", 500, 500], done
     assert len(page.all("#answers tr")) == 50 and "first 50 shown, 450 more" in page.text("#ask-status")
     if elapsed > 5:  # long enough for the log's progress lines, which name each worker's share
         assert re.search(r"console \d+: \d+/500 questions .*engine worker 1 of 2: \d+/\d+", page.svc.server.log())
