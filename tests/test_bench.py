@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
 
+import pytest
+
+from bench.bench import variants
 from tests.conftest import PYTHON, ROOT, Server, demo_env
 
 
@@ -23,9 +27,7 @@ def _processes(marker: bytes) -> list[int]:
 
 def test_bench_ceiling_with_two_workers_runs_two_offline_engines(tmp_path: Path, demo_model: Path) -> None:
     """ENGINE_WORKERS=2 with a fixed KV cache: the service starts both engines at once, and the ceiling is two
-    offline LLM engines answering the same halves; both generate the same tokens, and nothing is left running.
-
-    A ``--variant`` (the LLMEngine front end, one engine) is a second service measured against the same ceiling."""
+    offline LLM engines answering the same halves; both generate the same tokens, and nothing is left running."""
     log = tmp_path / "svc.log"
     report_path = tmp_path / "report.json"
     data = tmp_path / "questions.jsonl"
@@ -37,7 +39,7 @@ def test_bench_ceiling_with_two_workers_runs_two_offline_engines(tmp_path: Path,
     bench = Server(
         [PYTHON, "-m", "bench.bench", "--preset", "demo", "--ceiling", "--data", str(data), "--n", "48", "--rounds", "1",
          "--set", "ENGINE_WORKERS=2", "--set", "VLLM_KV_CACHE_MEMORY_BYTES=256MiB", "--set", f"MODEL_DIR={demo_model}",
-         "--set", "WARMUP_DATA_PATH=", "--variant", "sync ENGINE_FRONTEND=sync ENGINE_WORKERS=1", "--log", str(log),
+         "--set", "WARMUP_DATA_PATH=", "--log", str(log),
          "--output", str(report_path), "--json"],
         demo_env(demo_model), cwd=ROOT, log=tmp_path / "bench.out")
     try:
@@ -52,12 +54,6 @@ def test_bench_ceiling_with_two_workers_runs_two_offline_engines(tmp_path: Path,
     assert ceiling["tokens"]["median"] > 0
     assert ceiling["tokens"]["median"] == service["tokens"]["median"], (service, ceiling)
     assert report["ratio"]["service/ceiling (median seconds)"] > 0
-    sync = report["variants"]["sync"]
-    assert sync["service"]["tokens"]["median"] == ceiling["tokens"]["median"], sync
-    assert sync["service_spawn_to_ready_s"] > 0 and sync["ratio"]["service/ceiling (paired, median)"] > 0
-    assert sync["ceiling"]["runs_s"] != ceiling["runs_s"]  # its own rounds, alternating with its service's
-    sync_log = (tmp_path / "svc-sync.log").read_text(errors="replace")
-    assert sync_log.count("LLMEngine front end") == 1 and "LLMEngine front end" not in log.read_text()
     # Both ceiling engines ran (one log each) and each answered its half.
     for index in (0, 1):
         child_log = (tmp_path / f"svc-ceiling-{index}.log").read_text(errors="replace")
@@ -68,3 +64,16 @@ def test_bench_ceiling_with_two_workers_runs_two_offline_engines(tmp_path: Path,
     inits = [m.start() for m in re.finditer(r"Initializing a V1 LLM engine", text)]
     assert len(inits) == 2 and max(inits) < text.index("vLLM engine ready in"), text[-3000:]
     assert not _processes(b"bench.ceiling"), "a ceiling engine outlived the benchmark"
+
+
+def test_a_variant_is_the_preset_environment_with_its_own_values_and_log(tmp_path: Path) -> None:
+    """``--variant 'NAME KEY=VALUE ...'``: a second service configuration beside the preset's, logged apart; a
+    variant without a KEY=VALUE pair is refused before any service starts."""
+    log = tmp_path / "svc.log"
+    args = argparse.Namespace(log=str(log), variant=["sync ENGINE_FRONTEND=sync ENGINE_WORKERS=1"])
+    (name, env, path), (vname, venv, vpath) = variants(args, {"ENGINE_WORKERS": "2", "MODEL_DIR": "/m"})
+    assert (name, env, path) == ("preset", {"ENGINE_WORKERS": "2", "MODEL_DIR": "/m"}, log)
+    assert (vname, vpath) == ("sync", tmp_path / "svc-sync.log")
+    assert venv == {"ENGINE_WORKERS": "1", "MODEL_DIR": "/m", "ENGINE_FRONTEND": "sync"}
+    with pytest.raises(SystemExit, match="expected 'NAME KEY=VALUE"):
+        variants(argparse.Namespace(log=str(log), variant=["sync"]), {})
