@@ -348,6 +348,16 @@ def start_service(tmp: Path, env: Mapping[str, str]) -> Service:
     return Service(server, port)
 
 
+def served(tmp: Path, env: Mapping[str, str], stop_timeout: float = 60) -> Iterator[Service]:
+    """A fixture's body: a started server, yielded once ready, its whole tree stopped afterwards."""
+    svc = start_service(tmp, env)
+    try:
+        svc.wait_ready()
+        yield svc
+    finally:
+        svc.server.stop(timeout=stop_timeout)
+
+
 @pytest.fixture(scope="session")
 def service(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """One real server on the demo model for the whole session (engine start-up dominates test time).
@@ -357,9 +367,4 @@ def service(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     extra = {}
     if SHARED_DATA.is_file():
         extra = {"WARMUP_DATA_PATH": str(SHARED_DATA), "WARMUP_NUM_SAMPLES": "32", "WARMUP_REPEAT": "1"}
-    svc = start_service(tmp_path_factory.mktemp("service"), demo_env(demo_model, **extra))
-    try:
-        svc.wait_ready()
-        yield svc
-    finally:
-        svc.server.stop()
+    yield from served(tmp_path_factory.mktemp("service"), demo_env(demo_model, **extra))

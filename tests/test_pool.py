@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import Service, demo_env, http_json, start_service
+from tests.conftest import Service, demo_env, http_json, served
 from tests.test_service import SHORT, metric, questions
 
 FAULT = "<<FAULT>>"  # a question with this text makes its call raise in the worker (FAULT_INJECT=raise_on=...)
@@ -181,12 +181,7 @@ def crash_and_recover(svc: Service, victim: Callable[[int], int]) -> None:
 
 
 def server(demo_model: Path, tmp: Path, **extra: str) -> Iterator[Service]:
-    svc = start_service(tmp, demo_env(demo_model, SHUTDOWN_TIMEOUT="10", **extra))
-    try:
-        svc.wait_ready()
-        yield svc
-    finally:
-        svc.server.stop(timeout=30)
+    yield from served(tmp, demo_env(demo_model, SHUTDOWN_TIMEOUT="10", **extra), stop_timeout=30)
 
 
 # --- one worker, async front end ------------------------------------------------------------------

@@ -21,6 +21,7 @@ from tests.conftest import (
     descendants,
     http_json,
     port_is_free,
+    served,
     start_service,
 )
 
@@ -346,13 +347,8 @@ def engine_peak_over_singles(svc: Service, n: int, clients: int) -> float:
 def untokenized(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """A service of this module's own with PRETOKENIZE=0 (vLLM tokenizes the prompts), for the two tests below,
     in file order: the first needs a service that has answered nothing yet."""
-    svc = start_service(tmp_path_factory.mktemp("untokenized"),
-                        demo_env(demo_model, PRETOKENIZE="0", ENGINE_FRONTEND="async"))
-    try:
-        svc.wait_ready()
-        yield svc
-    finally:
-        svc.server.stop()
+    yield from served(tmp_path_factory.mktemp("untokenized"),
+                      demo_env(demo_model, PRETOKENIZE="0", ENGINE_FRONTEND="async"))
 
 
 def test_concurrent_singles_share_the_engine(untokenized: Service) -> None:
@@ -394,13 +390,8 @@ def test_system_prompt_round_trip_from_loopback(service: Service) -> None:
 @pytest.fixture(scope="module")
 def guarded(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
     """A second server with ADMIN_TOKEN set; the SIGTERM test stops it."""
-    svc = start_service(tmp_path_factory.mktemp("guarded"),
-                        demo_env(demo_model, ADMIN_TOKEN="s3cret-token", SHUTDOWN_TIMEOUT="20"))
-    try:
-        svc.wait_ready()
-        yield svc
-    finally:
-        svc.server.stop(timeout=5)
+    yield from served(tmp_path_factory.mktemp("guarded"),
+                      demo_env(demo_model, ADMIN_TOKEN="s3cret-token", SHUTDOWN_TIMEOUT="20"), stop_timeout=5)
 
 
 def test_admin_token_guards_system_prompt(guarded: Service) -> None:
