@@ -168,7 +168,7 @@ class Settings:
     # process
     omp_num_threads: int = var(_int(1, 4096), "OpenMP threads, CPU engine and torch (OpenMP reads the process environment; `inv run` exports it).")
     engine_stall_timeout: float = var(_float(0.0), "Seconds a worker with calls in flight may make no progress (0: off).")
-    restart_limit: int = var(_int(0, 1000), "Worker restarts allowed within RESTART_WINDOW; one more crash: exit 1.")
+    restart_limit: int = var(_int(0, 1000), "Incidents (workers failing together count once) allowed within RESTART_WINDOW; one more: exit 1.")
     restart_window: int = var(_int(1), "Seconds over which worker crashes are counted against RESTART_LIMIT.")
     fault_inject: str = var(_text, "Test only: raise_on= / hang_on= / die_after=TEXT (;-separated) faults a question in the worker.")
     # not a variable: (KEY, value, reason) of each layout value derived from `auto` (env/layout.py)

@@ -15,14 +15,29 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data" / "pmpp_qa.jsonl"
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+    """Poll ``check`` until it returns something true; its value, or an AssertionError after ``timeout`` s.
+
+    For states that last once reached (a process gone, a worker back, an engine idle), never for a moment.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(every)
 
 
 def free_port() -> int:
@@ -368,3 +383,85 @@ def service(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     if SHARED_DATA.is_file():
         extra = {"WARMUP_DATA_PATH": str(SHARED_DATA), "WARMUP_NUM_SAMPLES": "32", "WARMUP_REPEAT": "1"}
     yield from served(tmp_path_factory.mktemp("service"), demo_env(demo_model, **extra))
+
+
+class Gate:
+    """The engine worker's hold gate (``FAULT_INJECT=hold_on=<<HOLD>>;hold_dir=DIR``, service.pool.worker).
+
+    A call with a question containing ``MARK`` waits in its worker, before its engine, until ``release``; the
+    worker says it holds the call with a file ``held-<pid>-<call id>`` in the folder.  Tests wait for that
+    state (``wait_held``) instead of sampling a gauge or sleeping: the call is in flight, deterministically.
+    """
+
+    MARK = "<<HOLD>>"
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+
+    @property
+    def fault(self) -> str:
+        """The ``FAULT_INJECT`` entries that switch the gate on."""
+        return f"hold_on={self.MARK};hold_dir={self.folder}"
+
+    def marked(self, questions: list[str]) -> list[str]:
+        """``questions`` with the mark on each (so every worker's share of them is held)."""
+        return [f"{self.MARK}{q}" for q in questions]
+
+    def held(self) -> list[Path]:
+        return sorted(self.folder.glob("held-*"))
+
+    def wait_held(self, calls: int, timeout: float = 120, unanswered: Callable[[], bool] = lambda: True) -> None:
+        """Return once ``calls`` calls are held; fail if ``unanswered()`` turns false first (no call held)."""
+        deadline = time.monotonic() + timeout
+        while len(self.held()) < calls:
+            assert unanswered(), f"answered before {calls} calls were held: {self.held()}"
+            assert time.monotonic() < deadline, f"{len(self.held())} of {calls} calls held after {timeout} s"
+            time.sleep(0.01)
+
+    def release(self, timeout: float = 30) -> None:
+        """Let the held calls go on; return once every call held by a live worker has left the gate."""
+        (self.folder / "release").touch()
+        deadline = time.monotonic() + timeout
+        while [m for m in self.held() if alive(int(m.name.split("-")[1]))]:
+            assert time.monotonic() < deadline, f"still held {timeout} s after the release: {self.held()}"
+            time.sleep(0.01)
+        self.close()
+
+    def close(self) -> None:
+        """Shut the gate again (the next marked call is held) and forget the calls of dead workers."""
+        for path in [self.folder / "release", *self.held()]:
+            path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def gate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate]:
+    """One hold gate for the servers that switch it on (tests run one at a time; each releases what it held)."""
+    gate = Gate(tmp_path_factory.mktemp("gate"))
+    yield gate
+    gate.release()
+
+
+ADMIN = "console-admin-token-123"
+HUB_SECRET = "ms-hub-secret-456"
+
+
+@pytest.fixture(scope="session")
+def two_workers(demo_model: Path, gate: Gate, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """Two engine workers started at once (fixed KV cache), the hold gate, an admin token and a hub token; at
+    most 64 sequences per engine, so that a batch finishes in waves. Not waited for: the console's first test
+    loads its page while the engines start (tests/test_console.py); others call ``wait_ready``."""
+    extra = {"ENGINE_WORKERS": "2", "GPU_MEMORY_UTILIZATION": "0.1", "VLLM_KV_CACHE_MEMORY_BYTES": "256MiB",
+             "VLLM_MAX_NUM_SEQS": "64", "ADMIN_TOKEN": ADMIN, "MODELSCOPE_API_TOKEN": HUB_SECRET,
+             "SHUTDOWN_TIMEOUT": "10", "FAULT_INJECT": gate.fault}
+    from env import layer
+    from env.provenance import SOURCES_VAR, encode
+
+    extra[SOURCES_VAR] = encode(layer(os.environ, "demo", force=True))  # as `inv run --preset demo --force` says
+    if SHARED_DATA.is_file():
+        extra.update(WARMUP_DATA_PATH=str(SHARED_DATA), WARMUP_NUM_SAMPLES="128", WARMUP_REPEAT="1")
+    svc = start_service(tmp_path_factory.mktemp("two-workers"), demo_env(demo_model, **extra))
+    try:
+        yield svc
+    finally:
+        svc.server.stop(timeout=30)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service.backends.base import EngineStats
@@ -31,6 +31,9 @@ class _EngineCollector(Collector):
             ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
+        if s.has_scheduler:
+            yield CounterMetricFamily("qa_engine_generated_tokens", "Tokens the engine generated, step by step "
+                                      "(aborted questions included).", value=s.generated)
 
 
 class Metrics:

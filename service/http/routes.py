@@ -151,7 +151,8 @@ def routes(state: QAState) -> list[HTTPRouteHandler]:
     @get("/info", sync_to_thread=False)
     def info() -> Response[bytes]:
         _, body = pool.health()
-        workers: list[dict[str, Any]] = [{"label": w.label, "state": w.state, "pid": w.pid} for w in pool.workers]
+        workers: list[dict[str, Any]] = [{"label": w.label, "state": w.state, "pid": w.pid,
+                                          "incident": pool.incident_of(w)} for w in pool.workers]
         return json_response({
             "backend": engine.name,
             "notice": engine.notice,
@@ -159,6 +160,7 @@ def routes(state: QAState) -> list[HTTPRouteHandler]:
             "degraded": pool.degraded(),
             "workers": workers,
             "restarts": pool.restarts,
+            "incidents": pool.incidents.public(),
             "model_dir": str(settings.model_dir),
             "max_model_len": engine.max_model_len,
             "ready_after_s": pool.ready_after,

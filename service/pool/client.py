@@ -114,6 +114,7 @@ class ProcessEngineClient:
         self._progress_at = time.monotonic()
         self._shares: dict[int, progress.Share] = {}  # call id: its share of a request's progress
         self.stats.in_flight = self.stats.running = self.stats.waiting = 0
+        self._generated_before = self.stats.generated  # earlier incarnations' tokens: the total only grows
 
     @property
     def workers(self) -> list[ProcessEngineClient]:
@@ -202,6 +203,7 @@ class ProcessEngineClient:
                 message = await wire.recv(reader)
                 if isinstance(message, wire.Stats):
                     message.into(self.stats)
+                    self.stats.generated += self._generated_before
                     if (message.finished, message.generated) != self._progress:
                         self._progress, self._progress_at = (message.finished, message.generated), time.monotonic()
                 elif isinstance(message, wire.Deltas):

@@ -7,8 +7,10 @@ every worker four times a second: a worker that died (end of its stream, its exi
 which makes the worker exit with code 4) or that is stuck (calls in flight and no progress for
 ``ENGINE_STALL_TIMEOUT`` seconds) has its calls failed at once (HTTP 503, or item errors for its shard of a
 request spread over several workers), its whole process group SIGKILLed, and is restarted after 1 s, 2 s,
-4 s ... (at most ``BACKOFF_CAP``).  More than ``RESTART_LIMIT`` crashes within ``RESTART_WINDOW`` seconds
-are fatal: the pool logs the cause, marks itself ``fatal`` and sends SIGTERM to its own process, whose
+4 s ... (at most ``BACKOFF_CAP``).  The budget counts incidents, not workers (``service.pool.incidents``):
+workers that fail together (one GPU, one cause) are one incident and restart together (or one after another
+when their engines may not start at once).  More than ``RESTART_LIMIT`` incidents within ``RESTART_WINDOW``
+seconds are fatal: the pool logs the cause, marks itself ``fatal`` and sends SIGTERM to its own process, whose
 lifespan then stops everything and exits with code 1 (``service.http.app``).  On exit the supervisor stops
 and every worker is shut down, its process group included.  The helpers at the end end one worker process
 (``kill_tree``: its whole group, SIGKILL; ``stop_process``: a graceful stop) for ``ProcessEngineClient``.
@@ -23,11 +25,12 @@ import os
 import signal
 import subprocess
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
+from service.backends.base import engines_start_together
+from service.pool.incidents import Incidents
 from service.pool.procs import assert_tree_gone, freeze_heap, group_alive, kill_group
 from service.settings import Settings
 
@@ -50,10 +53,14 @@ class Pool:
         self.fatal: str | None = None  # set when the restart limit was exceeded: the process exits with 1
         self.ready_after: float | None = None
         self.restarts = 0
-        self._crashes: deque[float] = deque()
+        self.incidents = Incidents(settings.restart_limit, settings.restart_window, BACKOFF_CAP)
+        self._incident_of: dict[str, int] = {}  # worker label: the incident of its latest failure
+        # Restarts one at a time unless the engines may start at once (the same rule as the first start).
+        self._restart_slot: contextlib.AbstractAsyncContextManager[Any] = (
+            contextlib.nullcontext() if engines_start_together(settings) else asyncio.Lock())
         self._started = time.monotonic()
         self._main: asyncio.Task[None] | None = None
-        self._recovering: dict[int, asyncio.Task[None]] = {}
+        self._recovering: dict[str, asyncio.Task[None]] = {}
 
     # --- entering and leaving -------------------------------------------------------------------
 
@@ -137,55 +144,72 @@ class Pool:
     async def _supervise(self) -> None:
         timeout = self.settings.engine_stall_timeout
         while True:
-            for index, worker in enumerate(self.workers):
-                if index in self._recovering or worker.state != "up":
+            for worker in self.workers:
+                if worker.label in self._recovering or worker.state != "up":
                     continue
                 problem = worker.alive() or worker.stalled(timeout)
                 if problem is not None:
                     task = asyncio.create_task(self._recover(worker, problem), name=f"restart-{worker.label}")
-                    self._recovering[index] = task
-                    task.add_done_callback(lambda _, i=index: self._recovering.pop(i, None))
+                    self._recovering[worker.label] = task
+                    task.add_done_callback(lambda _, label=worker.label: self._recovering.pop(label, None))
             await asyncio.sleep(POLL)
 
     async def _recover(self, worker: Any, problem: str) -> None:
-        """Kill the worker's whole process group, then restart it with backoff, within the restart limit."""
-        s = self.settings
+        """Count the failure in its incident, kill the worker's whole process group, restart it within budget.
+
+        The workers of one incident restart when its backoff is over: together when engines may start at once
+        on the device (a fixed KV cache), else one after another (vLLM profiles the free memory).
+        """
         while True:
-            log.error("%s failed: %s", worker.label, problem)
+            incident, joined = self.incidents.fail(worker.label, problem)
+            self._incident_of[worker.label] = incident.number
+            if joined:
+                others = ", ".join(label for label in incident.failed if label != worker.label)
+                log.error("%s failed: %s; incident %d (opened %.1f s earlier by %s): not counted again",
+                          worker.label, problem, incident.number, time.monotonic() - incident.opened, others)
+            else:
+                log.error("%s failed: %s; incident %d opened", worker.label, problem, incident.number)
             await worker.kill(problem)  # its calls end now; no process of its group is left
-            now = time.monotonic()
-            self._crashes.append(now)
-            while self._crashes and self._crashes[0] < now - s.restart_window:
-                self._crashes.popleft()
-            crashes = len(self._crashes)
-            if crashes > s.restart_limit:
-                self._give_up(worker, crashes, problem)
+            if self.incidents.over_budget():
+                self._give_up(worker, problem)
                 return
-            delay = min(BACKOFF_CAP, 2.0 ** (crashes - 1))
-            log.warning("restarting %s in %.0f s (crash %d within RESTART_WINDOW=%d s; RESTART_LIMIT=%d)",
-                        worker.label, delay, crashes, s.restart_window, s.restart_limit)
-            await asyncio.sleep(delay)
+            s = self.settings
+            if not joined:
+                log.warning("restarting the workers of incident %d in %.0f s (incident %d within RESTART_WINDOW=%d "
+                            "s; RESTART_LIMIT=%d)", incident.number, incident.restart_at - incident.opened,
+                            self.incidents.in_window(), s.restart_window, s.restart_limit)
+            await asyncio.sleep(max(0.0, incident.restart_at - time.monotonic()))
             started = time.monotonic()
             try:
-                await worker.restart()
+                async with self._restart_slot:
+                    await worker.restart()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 problem = f"its restart failed: {type(exc).__name__}: {exc}"
                 continue
             self.restarts += 1
-            log.info("%s restarted in %.1f s (pid %s)", worker.label, time.monotonic() - started, worker.pid)
+            log.info("%s restarted in %.1f s (pid %s; incident %d)", worker.label, time.monotonic() - started,
+                     worker.pid, incident.number)
+            for closed in self.incidents.recovered(worker.label):
+                log.info("incident %d over: %s back after %.1f s", closed.number, ", ".join(closed.failed),
+                         (closed.closed or 0.0) - closed.opened)
             return
 
-    def _give_up(self, worker: Any, crashes: int, problem: str) -> None:
-        """Too many crashes: say why, then stop this process (SIGTERM; the lifespan exits with code 1)."""
-        s = self.settings
-        self.fatal = (f"{worker.label} failed {crashes} times within RESTART_WINDOW={s.restart_window} s, more than "
-                      f"RESTART_LIMIT={s.restart_limit} allows (last: {problem}); stopping the service with exit "
-                      f"code 1 so that its supervisor takes over")
+    def _give_up(self, worker: Any, problem: str) -> None:
+        """Too many incidents: say why, then stop this process (SIGTERM; the lifespan exits with code 1)."""
+        s, incidents = self.settings, self.incidents
+        self.fatal = (f"{worker.label} failed (incident {incidents.history[-1].number}): {incidents.in_window()} "
+                      f"incidents within RESTART_WINDOW={s.restart_window} s, more than RESTART_LIMIT="
+                      f"{s.restart_limit} allows (last: {problem}); stopping the service with exit code 1 so that "
+                      f"its supervisor takes over")
         self.status, self.problem = "error", self.fatal
         log.critical("%s", self.fatal)
         os.kill(os.getpid(), signal.SIGTERM)
+
+    def incident_of(self, worker: Any) -> int | None:
+        """The incident of the worker's latest failure (None: it never failed)."""
+        return self._incident_of.get(worker.label)
 
 
 # --- ending a worker process ----------------------------------------------------------------------

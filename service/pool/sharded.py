@@ -60,6 +60,8 @@ class ShardedEngineClient:
             total.running += s.running
             total.peak_running += s.peak_running
             total.waiting += s.waiting
+            total.finished += s.finished
+            total.generated += s.generated
             total.has_scheduler = total.has_scheduler or s.has_scheduler
         return total
 
