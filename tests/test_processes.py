@@ -7,10 +7,8 @@ re-parented to init), and so are the servers (demo preset, the vLLM CPU engine, 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -20,18 +18,9 @@ from service.pool.procs import group_alive, kill_group
 from tests.conftest import (
     PYTHON,
     Server,
-    Service,
     alive,
-    demo_env,
-    describe,
-    group_processes,
-    http_json,
     python_env,
-    start_service,
-    tree_groups,
-    wait_groups_gone,
 )
-from tests.test_service import metric, questions
 
 # A tree in a session of its own: a child that ignores SIGTERM, a plain child, and an orphan whose parent
 # (sh) has exited, so that it hangs from init and only its process group still ties it to the tree.
@@ -101,62 +90,3 @@ def test_a_subreaper_adopts_orphans_and_reap_children_stops_them() -> None:
     assert result["left"] == []
     assert not alive(result["orphan"])
     assert "shutdown check: no process of the service's tree is left" in done.stderr
-
-
-def _engine_tree(svc: Service) -> set[int]:
-    """The process groups of a ready server (its own, its worker's, with vLLM's processes inside)."""
-    groups = tree_groups(svc.server.pid)
-    procs = group_processes(groups)
-    names = " ".join(p.name() + " " + " ".join(p.cmdline()) for p in procs)
-    assert "service.pool.worker" in names and "VLLM::EngineCore" in names, describe(procs)
-    assert len(groups) >= 2, describe(procs)  # the worker leads a group of its own
-    return groups
-
-
-def _batch_in_flight(svc: Service, n: int) -> threading.Thread:
-    """A request of ``n`` questions on a thread (its connection breaks when the server dies), in the engine."""
-    def ask() -> None:
-        try:
-            http_json("POST", svc.url + "/predict", {"prompt": questions(n)}, timeout=120)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=ask, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while metric(svc, "qa_in_flight_questions") < 1:
-        assert thread.is_alive() and time.monotonic() < deadline, "the batch was never seen in the engine"
-        time.sleep(0.05)
-    return thread
-
-
-def test_sigkill_of_the_api_process_leaves_nothing_behind(tmp_path: Path, demo_model: Path) -> None:
-    svc = start_service(tmp_path, demo_env(demo_model))
-    try:
-        svc.wait_ready()
-        groups = _engine_tree(svc)
-        _batch_in_flight(svc, 400)
-        killed_at = time.monotonic()
-        os.kill(svc.server.pid, signal.SIGKILL)
-        assert svc.server.proc.wait(5) == -signal.SIGKILL
-        left = wait_groups_gone(groups, 10 - (time.monotonic() - killed_at))
-        assert not left, f"alive 10 s after SIGKILL of the API process:\n{describe(left)}"
-    finally:
-        svc.server.stop(signal.SIGKILL, timeout=5)
-
-
-def test_sigterm_stops_the_whole_tree_before_the_engine_is_said_stopped(tmp_path: Path, demo_model: Path) -> None:
-    svc = start_service(tmp_path, demo_env(demo_model))
-    try:
-        svc.wait_ready()
-        groups = _engine_tree(svc)
-        svc.server.proc.terminate()
-        assert svc.server.proc.wait(90) == 0, svc.server.log()[-3000:]
-        left = group_processes(groups)
-        assert not left, f"alive when the API process exited:\n{describe(left)}"
-        log = svc.server.log()
-        # The shutdown checked its tree (service.pool.procs.assert_tree_gone) before it said the engine stopped.
-        checked = log.find("[service] shutdown check: no process of the service's tree is left")
-        assert -1 < checked < log.find("[service] engine stopped"), log[-3000:]
-    finally:
-        svc.server.stop(signal.SIGKILL, timeout=5)

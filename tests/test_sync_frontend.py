@@ -1,7 +1,7 @@
 """``ENGINE_FRONTEND=sync``: the real vLLM CPU engine as ``LLMEngine`` stepped on a thread, over real HTTP.
 
 The answers must be the default (``AsyncLLM``) service's, item errors stay per item, concurrent requests
-batch together within ``BATCH_CONCURRENCY``, and SIGTERM during a batch still stops the whole tree.
+batch together within ``BATCH_CONCURRENCY``, and SIGTERM during a (held) batch still stops the whole tree.
 """
 
 from __future__ import annotations
@@ -12,23 +12,17 @@ from pathlib import Path
 import pytest
 
 from bench.client import generated_tokens
-from tests.conftest import Service, demo_env, http_json, start_service
-from tests.test_service import (
-    SHORT,
-    engine_peak_over_singles,
-    overlong_fails_alone_without_pretokenize,
-    questions,
-    stop_during_batch,
-)
+from tests.conftest import Gate, Service, demo_env, http_json, start_service
+from tests.test_service import SHORT, engine_peak_over_singles, questions, stop_during_batch
 
 LIMIT = 8  # BATCH_CONCURRENCY of the stepped service: the most questions in its engine at once
 
 
 @pytest.fixture(scope="module")
-def stepped(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def stepped(demo_model: Path, gate: Gate, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     svc = start_service(tmp_path_factory.mktemp("stepped"),
                         demo_env(demo_model, ENGINE_FRONTEND="sync", BATCH_CONCURRENCY=str(LIMIT),
-                                 SHUTDOWN_TIMEOUT="20"))
+                                 SHUTDOWN_TIMEOUT="20", FAULT_INJECT=gate.fault))
     try:
         svc.wait_ready()
         yield svc
@@ -76,10 +70,7 @@ def test_sync_front_end_overrides_reach_the_engine(stepped: Service) -> None:
     assert generated(stepped) - middle > 12
 
 
-def test_sync_front_end_sigterm_during_batch_stops_the_whole_tree(stepped: Service) -> None:
-    stop_during_batch(stepped, 200)
-
-
-def test_sync_front_end_overlong_question_without_pretokenize_fails_alone(
-        tmp_path: Path, demo_model: Path) -> None:
-    overlong_fails_alone_without_pretokenize(tmp_path, demo_model, "sync")
+def test_sync_front_end_sigterm_during_batch_stops_the_whole_tree(stepped: Service, gate: Gate) -> None:
+    """Last on the module's service: it stops it. (The over-long question with PRETOKENIZE=0 on the stepped
+    engine is tests/test_pool.py's two-worker service, which runs this front end.)"""
+    stop_during_batch(stepped, gate, 200)
