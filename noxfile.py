@@ -52,9 +52,9 @@ def install_locked(session: nox.Session) -> None:
 
 
 # Two pytest-xdist workers, each test group (a module, or every module of one session-scoped server) whole on
-# one of them, longest groups first (tests/conftest.py): engine start-ups and installs of one worker overlap
-# the other's waits. ``nox -s tests -- -n 0`` runs the suite in one process.
-WORKERS = ("-n", "2", "--dist", "loadgroup")
+# one of them, longest groups first (tests/conftest.py's scheduler): engine start-ups and installs of one
+# worker overlap the other's waits. ``nox -s tests -- -n 0`` runs the suite in one process.
+WORKERS = ("-n", "2", "--dist", "loadscope", "--no-loadscope-reorder")
 
 
 @nox.session

@@ -170,7 +170,7 @@ class Settings:
     engine_stall_timeout: float = var(_float(0.0), "Seconds a worker with calls in flight may make no progress (0: off).")
     restart_limit: int = var(_int(0, 1000), "Incidents (workers failing together count once) allowed within RESTART_WINDOW; one more: exit 1.")
     restart_window: int = var(_int(1), "Seconds over which worker crashes are counted against RESTART_LIMIT.")
-    fault_inject: str = var(_text, "Test only: raise_on= / hang_on= / die_after=TEXT (;-separated) faults a question in the worker.")
+    fault_inject: str = var(_text, "Test only: raise_on= / hang_on= / die_after= / hold_on=TEXT (with hold_dir=DIR), ;-separated: faults a question in the worker.")
     # not a variable: (KEY, value, reason) of each layout value derived from `auto` (env/layout.py)
     layout: tuple[tuple[str, str, str], ...] = ()
     sources: tuple[tuple[str, str], ...] = ()  # not a variable: (KEY, shell/default/preset/auto) (env/provenance.py)

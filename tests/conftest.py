@@ -184,28 +184,52 @@ class ProcessGroups:
 
 GROUPS = ProcessGroups()
 
-# --- running the suite on several workers (pytest-xdist, ``-n 2 --dist loadgroup`` from noxfile.py) -------------
-# A group runs on one worker, whole: every module stays together (its module- and class-scoped servers), and
-# the modules of one session-scoped server share a worker, so that each server starts once.  Groups are handed
-# out longest first (their weight: seconds measured in docs/test-durations.txt, rounded), so that the two
-# workers end together; a group not listed weighs 1.
-SHARED_SERVERS = ("service", "two_workers")  # session-scoped servers: their users form one group each
-WEIGHT = {"test_pool": 300, "service": 280, "two_workers": 150, "test_locks": 110, "test_bench": 85,
-          "test_launcher": 80, "test_tune": 60, "test_detokenize": 40}
+# --- running the suite on several workers (pytest-xdist, ``-n 2`` from noxfile.py) ------------------------------
+# A group of tests runs on one worker, whole: each module (test_pool: each class, whose servers are
+# class-scoped), and every module of one session-scoped server together (``SHARED``), so that each server
+# starts once.  Groups are handed out in ``ORDER`` (the longest first, measured in docs/test-durations.md;
+# xdist gives each worker two groups at the start, so the list pairs them), then the rest in file order.
+SHARED = {"service": ("test_service", "test_eval", "test_limits", "test_openai", "test_sync_frontend"),
+          "two_workers": ("test_console", "test_progress")}
+BY_CLASS = ("test_pool",)
+ORDER = ("service", "test_pool::TestTwoWorkersAndIncidents", "two_workers", "test_pool::TestOneWorker",
+         "test_locks", "test_bench", "test_tune", "test_launcher", "test_detokenize")
+_SERVER_OF = {module: server for server, modules in SHARED.items() for module in modules}
+
+
+def group_of(nodeid: str) -> str:
+    """``tests/test_pool.py::TestOneWorker::test_x[1]`` -> ``test_pool::TestOneWorker``; a shared server's name."""
+    path, _, rest = nodeid.partition("::")
+    module = Path(path).stem
+    if module in _SERVER_OF:
+        return _SERVER_OF[module]
+    cls = rest.split("::")[0] if "::" in rest else ""
+    return f"{module}::{cls}" if module in BY_CLASS and cls else module
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    by_module: dict[str, list[pytest.Item]] = {}
+    """Groups in ``ORDER``; a module that uses a shared server without being listed with it is an error."""
     for item in items:
-        by_module.setdefault(item.module.__name__.rpartition(".")[2], []).append(item)
-    group_of = {}
-    for module, members in by_module.items():
-        used = {name for item in members for name in item.fixturenames}
-        group_of[module] = next((name for name in SHARED_SERVERS if name in used), module)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group_of[item.module.__name__.rpartition(".")[2]]))
-    order = {module: (-WEIGHT.get(group_of[module], 1), group_of[module]) for module in by_module}
-    items.sort(key=lambda item: order[item.module.__name__.rpartition(".")[2]])  # stable: file order within
+        for server in SHARED:
+            if server in item.fixturenames and group_of(item.nodeid) != server:
+                raise pytest.UsageError(f"{item.nodeid} uses the session's {server!r} server: add its module to "
+                                        f"tests/conftest.py SHARED[{server!r}] (one worker per server)")
+    rank = {group: i for i, group in enumerate(ORDER)}
+    items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(ORDER)))  # stable: file order within
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's scope scheduling with ``group_of`` as the scope (pass ``--no-loadscope-reorder``: keep ORDER)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByServer(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return ByServer(config, log)
+
+
 TREE_GRACE = 10.0  # a server's whole tree must be gone this long after its top process ended
 
 

@@ -8,9 +8,7 @@ so both front ends' streaming paths are exercised.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -198,10 +196,18 @@ def test_predict_and_completions_give_the_same_text(keyed: Service, keyed_env: d
 
 
 def test_metrics_count_v1_requests_and_tokens(client: openai.OpenAI, keyed: Service) -> None:
-    client.completions.create(model=NAME, prompt="什么是CUDA？", **GREEDY)
-    _, text = http_json("GET", keyed.url + "/metrics")
-    assert re.search(r'qa_requests_total\{path="/v1/completions",status="200"\} [1-9]', text)
-    assert re.search(r'qa_generated_tokens_total\{route="openai"\} [1-9]', text)
+    requests, tokens = r'qa_requests_total{path="/v1/completions",status="200"}', 'qa_generated_tokens_total{route="openai"}'
+
+    def read() -> tuple[float, float]:
+        _, text = http_json("GET", keyed.url + "/metrics")
+        found = {name: re.search(rf"^{re.escape(name)} (\S+)$", text, re.M) for name in (requests, tokens)}
+        return tuple(float(m.group(1)) if m else 0.0 for m in found.values())  # type: ignore[return-value]
+
+    before = read()
+    completion = client.completions.create(model=NAME, prompt="什么是CUDA？", **GREEDY)
+    after = read()
+    assert after[0] - before[0] == 1, (before, after)
+    assert after[1] - before[1] == completion.usage.completion_tokens > 0, (before, after, completion.usage)
 
 
 def _gauge(service: Service, name: str) -> float:
@@ -250,31 +256,6 @@ def test_a_closed_stream_is_aborted_in_the_engine(keyed: Service) -> None:
              every=0.1)
     generated = _vllm_generated(keyed) - before
     assert 0 < generated < n * budget / 2, f"the engine generated {generated:.0f} of {n * budget} tokens"
-
-
-def test_engine_gone_is_503_then_it_serves_again(client: openai.OpenAI, keyed: Service) -> None:
-    greedy = client.completions.create(model=NAME, prompt="什么是CUDA？", **GREEDY).choices[0].text
-    assert greedy, "an empty greedy answer cannot tell the restarted engine from a broken one"
-    _, info = http_json("GET", keyed.url + "/info")
-    old = info["workers"][0]["pid"]
-    os.kill(old, signal.SIGKILL)
-
-    def refused() -> dict | None:  # the worker's death is seen within a supervision round
-        status, body = http_json("POST", keyed.url + "/v1/completions", {"prompt": "x", "max_tokens": 2},
-                                 Authorization=f"Bearer {KEY}")
-        return body if status == 503 else None
-
-    body = wait_for(refused, 5, "a 503 after the worker was killed")
-    assert body["error"]["code"] == "engine_unavailable", body
-
-    def back() -> dict | None:  # a new worker in the slot, serving
-        now = http_json("GET", keyed.url + "/info")[1]
-        return now if now["workers"][0]["pid"] != old and now["status"] == "batch" else None
-
-    now = wait_for(back, 180, "a new worker serving", every=0.5)
-    assert now["restarts"] == info["restarts"] + 1, now
-    # Greedy: the restarted engine gives the same text as the one before the kill.
-    assert client.completions.create(model=NAME, prompt="什么是CUDA？", **GREEDY).choices[0].text == greedy
 
 
 @pytest.mark.parametrize(("text", "content", "reasoning"), [
