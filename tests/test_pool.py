@@ -114,7 +114,10 @@ class Request:
         self._thread.start()
 
     def _run(self, svc: Service, body: dict[str, Any], timeout: float) -> None:
-        self.reply = http_json("POST", svc.url + "/predict", body, timeout=timeout)
+        try:
+            self.reply = http_json("POST", svc.url + "/predict", body, timeout=timeout)
+        except OSError as exc:  # the server itself went away (SIGKILL of the API process)
+            self.reply = (0, repr(exc))
         self.at = time.monotonic()
 
     def pending(self) -> bool:
@@ -268,6 +271,7 @@ class TestOneWorker:
         assert faulty.server.proc.wait(5) == -signal.SIGKILL
         left = wait_groups_gone(groups, 10 - (time.monotonic() - killed_at))
         assert not left, f"alive 10 s after SIGKILL of the API process:\n{describe(left)}"
+        assert batch.wait(10)[0] == 0, batch.reply  # its connection broke: no answer from a killed server
         gate.close()
 
 
