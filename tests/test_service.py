@@ -279,16 +279,18 @@ def stop_during_batch(svc: Service, gate: Gate, n: int, workers: int = 1, ctrl_c
     assert -1 < checked < log.find("[service] engine stopped"), log[-3000:]
 
 
-def engine_peak_over_singles(svc: Service, n: int, clients: int) -> float:
+def engine_peak_over_singles(svc: Service, n: int, clients: int,
+                             peak: str = "qa_engine_running_sequences_peak") -> float:
     """The most sequences the engine ran at once while n one-question requests came from ``clients`` threads.
 
-    Read from the engine's own peak (updated at every step) on a service that has answered nothing yet.
-    Sampling the current gauge instead can miss the opening burst on a 2-core host: vLLM's CPU engine keeps
-    both cores busy (its core process spins while its worker computes), the service's own processes get
-    what is left, a /metrics sample then takes seconds, and after the burst the engine can settle at one
-    question at a time (a CI run sampled a maximum of 1 that way).
+    Read from the engine's own peak (updated at every step; ``qa_in_flight_questions_peak`` without the engine's
+    statistics: the questions inside the engine at once) on a service that has answered nothing yet.  Sampling
+    the current gauge instead can miss the opening burst on a 2-core host: vLLM's CPU engine keeps both cores
+    busy (its core process spins while its worker computes), the service's own processes get what is left, a
+    /metrics sample then takes seconds, and after the burst the engine can settle at one question at a time (a
+    CI run sampled a maximum of 1 that way).
     """
-    before = metric(svc, "qa_engine_running_sequences_peak")
+    before = metric(svc, peak)
     assert before == 0, f"peak {before} before the requests: the service must not have answered anything yet"
     finished = metric(svc, "qa_questions_total")
     ask_singles(svc, questions(n), clients)
@@ -296,33 +298,8 @@ def engine_peak_over_singles(svc: Service, n: int, clients: int) -> float:
     # The worker pushes its counters when they change: wait until it has pushed the end of this work (nothing
     # in flight, nothing running), so the peak read next is the whole run's.
     wait_for(lambda: metric(svc, "qa_in_flight_questions") == 0 and metric(svc, "qa_engine_running_sequences") == 0
-             and metric(svc, "qa_engine_running_sequences_peak") > 0, 10, "the engine's counters at rest")
-    return metric(svc, "qa_engine_running_sequences_peak")
-
-
-@pytest.fixture(scope="module")
-def untokenized(demo_model: Path, gate: Gate, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """A service of this module's own with PRETOKENIZE=0 (vLLM tokenizes the prompts) and the hold gate, for the
-    three tests below, in file order: the first needs a service that has answered nothing yet, the last stops it
-    with a Ctrl-C."""
-    yield from served(tmp_path_factory.mktemp("untokenized"),
-                      demo_env(demo_model, PRETOKENIZE="0", ENGINE_FRONTEND="async", SHUTDOWN_TIMEOUT="30",
-                               FAULT_INJECT=gate.fault))
-
-
-def test_concurrent_singles_share_the_engine(untokenized: Service) -> None:
-    most = engine_peak_over_singles(untokenized, 128, 64)
-    # Serialised requests show 1; the bound is one that only batching across requests reaches.
-    assert most >= 4, f"the engine never ran more than {most} of these sequences at once: requests were serialised"
-
-
-def test_overlong_question_without_pretokenize_fails_alone(untokenized: Service) -> None:
-    overlong_fails_alone(untokenized, "async")
-
-
-def test_ctrl_c_to_the_process_group_drains_then_stops(untokenized: Service, gate: Gate) -> None:
-    """A terminal's Ctrl-C signals the whole foreground group; the batch in flight still completes."""
-    stop_during_batch(untokenized, gate, 300, ctrl_c=True)
+             and metric(svc, peak) > 0, 10, "the engine's counters at rest")
+    return metric(svc, peak)
 
 
 def test_info_masks_secrets_and_shows_settings(service: Service) -> None:
@@ -353,20 +330,32 @@ def test_system_prompt_round_trip_from_loopback(service: Service) -> None:
 
 @pytest.fixture(scope="module")
 def guarded(demo_model: Path, gate: Gate, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """A second server: ADMIN_TOKEN set, two engine workers (started at once: the test servers' fixed KV cache),
-    each answer decoded once at the end and no engine statistics (DETOKENIZE_AT_END=1, ENGINE_STATS=0), and the
-    hold gate; the SIGTERM test, last, stops it."""
+    """The module's second server, every setting the session's does not have: ADMIN_TOKEN, two engine workers
+    (started at once: the test servers' fixed KV cache), vLLM tokenizing the prompts (PRETOKENIZE=0), each answer
+    decoded once at the end, no engine statistics (DETOKENIZE_AT_END=1, ENGINE_STATS=0), and the hold gate.
+    Its tests run in file order: the first needs a service that has answered nothing yet, the last stops it."""
     yield from served(tmp_path_factory.mktemp("guarded"),
                       demo_env(demo_model, ADMIN_TOKEN="s3cret-token", SHUTDOWN_TIMEOUT="20", ENGINE_WORKERS="2",
-                               DETOKENIZE_AT_END="1", ENGINE_STATS="0",
-                               FAULT_INJECT=gate.fault), stop_timeout=5)
+                               PRETOKENIZE="0", DETOKENIZE_AT_END="1", ENGINE_STATS="0", FAULT_INJECT=gate.fault),
+                      stop_timeout=5)
 
 
-def test_two_engine_workers_split_a_request_and_keep_its_order(guarded: Service, service: Service) -> None:
-    """ENGINE_WORKERS=2: the questions are split over two engines and merged back in order.
+def test_concurrent_singles_share_the_engines(guarded: Service) -> None:
+    most = engine_peak_over_singles(guarded, 128, 64, peak="qa_in_flight_questions_peak")
+    # Serialised requests show 1; the bound is one that only batching across requests reaches.
+    assert most >= 4, f"the engines never had more than {most} of these questions at once: requests were serialised"
 
-    First on its service. This service also decodes each answer once at the end and keeps no engine statistics (DETOKENIZE_AT_END=1,
-    ENGINE_STATS=0): its answers are still the default service's, and /metrics leaves out the scheduler's counts.
+
+def test_overlong_question_without_pretokenize_fails_alone(guarded: Service) -> None:
+    overlong_fails_alone(guarded, "async")
+
+
+def test_two_engine_workers_split_a_request_and_keep_its_order(guarded: Service, service: Service, gate: Gate) -> None:
+    """ENGINE_WORKERS=2: the questions are split over two engines at once and merged back in order.
+
+    This service also lets vLLM tokenize, decodes each answer once at the end and keeps no engine statistics
+    (PRETOKENIZE=0, DETOKENIZE_AT_END=1, ENGINE_STATS=0): its answers are still the default service's, and
+    /metrics leaves out the scheduler's counts.
     """
     qs = questions(60)
     qs[41] = "很长的问题" * 2000
@@ -374,15 +363,18 @@ def test_two_engine_workers_split_a_request_and_keep_its_order(guarded: Service,
     assert status == 200
     workers = [w for w in http_json("GET", guarded.url + "/info")[1]["workers"] if w["state"] == "up"]
     assert len(workers) == 2, workers
-    peak = metric(guarded, "qa_in_flight_questions_peak")
-    assert peak == 0, f"peak {peak} before the request: this must be the service's first"
     status, body = http_json("POST", guarded.url + "/predict", {"prompt": qs})
     assert status == 200, body
     assert body["response"] == expected["response"]
     assert [e["index"] for e in body["errors"]] == [41]
     assert http_json("POST", guarded.url + "/predict", {"prompt": SHORT})[0] == 200
-    # Both engines had their share at once (the sum of the workers' own peaks), not one question after another.
-    assert metric(guarded, "qa_in_flight_questions_peak") >= 30
+    # Both engines have their share at once, not one after the other: both shares wait at the gate together.
+    batch = Batch(guarded, gate.marked(questions(60)))
+    gate.wait_held(2, unanswered=batch.pending)
+    shares = [int(m.read_text()) for m in gate.held()]
+    assert sum(shares) == 60 and min(shares) > 0, shares
+    gate.release()
+    batch.check_answered()
     status, text = http_json("GET", guarded.url + "/metrics")
     assert status == 200 and "qa_engine_running_sequences" not in text, text
     assert "vllm:" not in text  # ENGINE_STATS=0: vLLM's own metrics are off too (service.pool.vllm_metrics)
@@ -405,6 +397,7 @@ def test_admin_token_guards_system_prompt(guarded: Service) -> None:
 
 
 def test_sigterm_during_batch_stops_the_whole_tree(guarded: Service, gate: Gate) -> None:
+    """Last on its service: it stops it. (Ctrl-C: the last test of tests/test_sync_frontend.py.)"""
     stop_during_batch(guarded, gate, 400, workers=2)
 
 

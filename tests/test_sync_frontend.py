@@ -1,7 +1,7 @@
 """``ENGINE_FRONTEND=sync``: the real vLLM CPU engine as ``LLMEngine`` stepped on a thread, over real HTTP.
 
 The answers must be the default (``AsyncLLM``) service's, item errors stay per item, concurrent requests
-batch together within ``BATCH_CONCURRENCY``, and SIGTERM during a (held) batch still stops the whole tree.
+batch together within ``BATCH_CONCURRENCY``, and a Ctrl-C during a (held) batch still stops the whole tree.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def test_sync_front_end_overrides_reach_the_engine(stepped: Service) -> None:
     assert generated(stepped) - middle > 12
 
 
-def test_sync_front_end_sigterm_during_batch_stops_the_whole_tree(stepped: Service, gate: Gate) -> None:
-    """Last on the module's service: it stops it. (The over-long question with PRETOKENIZE=0 on the stepped
-    engine is tests/test_pool.py's two-worker service, which runs this front end.)"""
-    stop_during_batch(stepped, gate, 200)
+def test_sync_front_end_ctrl_c_to_the_process_group_drains_then_stops(stepped: Service, gate: Gate) -> None:
+    """Last on the module's service: a terminal's Ctrl-C signals the whole foreground group; the (held) batch in
+    flight still completes. (SIGTERM: tests/test_service.py's two-worker server; the over-long question with
+    PRETOKENIZE=0 on the stepped engine: tests/test_pool.py's two-worker service, which runs this front end.)"""
+    stop_during_batch(stepped, gate, 200, ctrl_c=True)
