@@ -164,9 +164,9 @@ class Pool:
             incident, joined = self.incidents.fail(worker.label, problem)
             self._incident_of[worker.label] = incident.number
             if joined:
-                others = ", ".join(label for label in incident.failed if label != worker.label)
                 log.error("%s failed: %s; incident %d (opened %.1f s earlier by %s): not counted again",
-                          worker.label, problem, incident.number, time.monotonic() - incident.opened, others)
+                          worker.label, problem, incident.number, time.monotonic() - incident.opened,
+                          next(iter(incident.failed)))
             else:
                 log.error("%s failed: %s; incident %d opened", worker.label, problem, incident.number)
             await worker.kill(problem)  # its calls end now; no process of its group is left
