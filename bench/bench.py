@@ -74,7 +74,7 @@ import sys
 from vllm import LLM
 from bench.bench import service_env
 from service.settings import Settings
-from service.backends.vllm_args import engine_args
+from service.worker.backends.vllm_args import engine_args
 llm = LLM(**engine_args(Settings.from_environ(service_env(sys.argv[1] or None, sys.argv[2:]))))
 print("ENGINE-READY", flush=True)
 llm.llm_engine.engine_core.shutdown()

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from service.backends.base import engines_start_together
 from service.pipeline.balance import plan_shards
 from service.pipeline.prompting import Overrides
 from service.pool.client import engine_environ
@@ -51,10 +50,10 @@ class Ceiling:
         started = time.perf_counter()  # the import is part of the engine's own start-up, as in the service
         from vllm import LLM
 
-        from service.backends.tokens import stop_token_ids
-        from service.backends.vllm_args import engine_args
         from service.pipeline.prompting import Formatter, Planner
-        from service.pool.procs import freeze_heap
+        from service.procs import freeze_heap
+        from service.worker.backends.tokens import stop_token_ids
+        from service.worker.backends.vllm_args import engine_args
 
         self.llm = LLM(**engine_args(settings))
         freeze_heap("ceiling")  # as the service's engine workers do once their engine is up
@@ -76,7 +75,7 @@ class Ceiling:
         """One ``LLM.generate`` of every question; ``variant`` changes one thing (for the breakdown)."""
         from vllm import SamplingParams
 
-        from service.backends.tokens import decode_answers, encode_prompts
+        from service.worker.backends.tokens import decode_answers, encode_prompts
 
         started = time.perf_counter()
         plans = self.planner.plan(questions)
@@ -157,7 +156,7 @@ class ShardedCeiling:
         self.settings = settings
         child_env = engine_environ(env)  # the environment the service gives its engine workers
         self.children: list[_Child] = []
-        together = engines_start_together(settings)  # as the service starts its workers
+        together = settings.engines_start_together  # as the service starts its workers
         try:
             for index in range(settings.engine_workers):
                 self.children.append(_Child(child_env, Path(f"{log_stem}-ceiling-{index}.log")))

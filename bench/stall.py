@@ -6,7 +6,7 @@ request, then runs each scenario with a request of ``--n`` questions in flight:
 
 - ``stall``: SIGSTOP every ``VLLM::EngineCore`` process under the service, so that every worker's engine makes
   no progress; the service should see ``ENGINE_STALL_TIMEOUT`` pass, kill the workers and restart them.
-- ``kill``: SIGKILL every engine worker (``python -m service.pool.worker``) at once.
+- ``kill``: SIGKILL every engine worker (``python -m service.worker``) at once.
 
 For each: the in-flight request's HTTP status and how long after the signal it came, how long until the
 service is whole again (``GET /`` 200 without ``degraded``, every worker ``up``, the incident closed), the
@@ -41,7 +41,7 @@ log = logging.getLogger("bench")
 
 SCENARIOS = ("stall", "kill")
 ENGINE_CORE = "EngineCore"
-WORKER_MODULE = "service.pool.worker"
+WORKER_MODULE = "service.worker"
 POLL = 0.25
 _IN_FLIGHT = re.compile(r"^qa_in_flight_questions(?:\{[^}]*\})?\s+(\S+)", re.MULTILINE)
 
@@ -77,7 +77,7 @@ def engine_cores(pid: int) -> list[psutil.Process]:
 
 
 def workers(pid: int) -> list[psutil.Process]:
-    """The engine workers: the service's children running ``python -m service.pool.worker``."""
+    """The engine workers: the service's children running ``python -m service.worker``."""
     try:
         children = psutil.Process(pid).children()
     except psutil.NoSuchProcess:

@@ -1,6 +1,6 @@
 """``python -m bench.vs_vllm_serve``: our ``/v1/completions`` against ``vllm serve`` on the same model and load.
 
-Both servers get the same engine arguments (``service.backends.vllm_args.engine_args`` of the demo preset, or of
+Both servers get the same engine arguments (``service.worker.backends.vllm_args.engine_args`` of the demo preset, or of
 the preset named) and the same environment; ``vllm bench serve`` (vLLM's own client) sends the same random
 workload to each, in alternating rounds (ours, theirs, ours, ...) so that drift of this noisy machine hits
 both.  Prints each round's output throughput and the ratio of the medians.  A benchmark, not a test.
@@ -85,8 +85,8 @@ def main() -> None:
     ns = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from env import layer
-    from service.backends.vllm_args import engine_args
     from service.settings import Settings
+    from service.worker.backends.vllm_args import engine_args
 
     values = {k: v.value for k, v in layer(os.environ, ns.preset, force=True).items()}
     if ns.model_dir:

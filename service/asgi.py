@@ -8,24 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import TYPE_CHECKING
 
-from service.backends.base import EngineUnavailable
-from service.pool.procs import become_subreaper
+from service.contract.errors import EngineUnavailable
+from service.logs import configure_logging
 from service.pool.sharded import engine_client
+from service.procs import become_subreaper
 from service.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from litestar import Litestar
 
 log = logging.getLogger("service")
-
-
-def configure_logging(level: str) -> None:
-    """``[service]``-prefixed lines on stderr (uvicorn keeps its own loggers)."""
-    logging.basicConfig(level=level.upper() if level != "trace" else "DEBUG",
-                        format="%(asctime)s %(levelname)s [service] %(message)s", stream=sys.stderr)
 
 
 def create_app_from_env() -> Litestar:
@@ -37,7 +31,7 @@ def create_app_from_env() -> Litestar:
         log.error("%s", exc)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
-    # Orphans of the workers' processes come back to this process, not to init (service.pool.procs).
+    # Orphans of the workers' processes come back to this process, not to init (service.procs).
     become_subreaper()
     # The workers get the layout as resolved here, so that no worker derives its own (env/layout.py).
     engine = engine_client(settings, {**os.environ, **{key: value for key, value, _ in settings.layout}})

@@ -10,9 +10,9 @@ import logging
 import os
 import sys
 
-from service.backends import build_engine
-from service.backends.base import EngineUnavailable
+from service.contract.errors import EngineUnavailable
 from service.settings import Settings, SettingsError
+from service.worker.backends import build_engine
 
 log = logging.getLogger("run")
 

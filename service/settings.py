@@ -19,6 +19,7 @@ from typing import Any
 
 from env import SECRETS, layer, resolve_layout
 from env.provenance import sources as _sources
+from service.contract.sampling import LIMITS
 from service.parsers import (
     _bool,
     _choice,
@@ -36,7 +37,6 @@ from service.parsers import (
     _switch_or_auto,
     _text,
 )
-from service.pipeline.limits import LIMITS
 
 log = logging.getLogger("service")
 
@@ -211,6 +211,15 @@ class Settings:
     def backend(self) -> str:
         """``vllm``, ``transformers`` or ``auto`` as chosen by USE_VLLM."""
         return {"true": "vllm", "false": "transformers"}.get(self.use_vllm, "auto")
+
+    @property
+    def engines_start_together(self) -> bool:
+        """Whether several engines on one device may start at once.
+
+        vLLM sizes the KV cache by profiling the device's free memory, which another engine starting beside it
+        would disturb (and vLLM asserts on); a fixed ``VLLM_KV_CACHE_MEMORY_BYTES`` skips that profiling.
+        """
+        return self.vllm_kv_cache_memory_bytes is not None
 
     def load_system_prompt(self) -> str:
         """SYSTEM_PROMPT, or the text of SYSTEM_PROMPT_FILE when that is set."""

@@ -15,7 +15,7 @@ from vllm import SamplingParams
 from bench.ceiling import Ceiling
 from service.settings import Settings
 from service.pipeline.prompting import Formatter, Planner
-from service.backends.tokens import decode_answers, stop_token_ids
+from service.worker.backends.tokens import decode_answers, stop_token_ids
 
 settings = Settings.from_environ(os.environ)
 ceiling = Ceiling(settings)  # the benchmark's offline engine: LLM with the service's engine arguments
@@ -92,7 +92,7 @@ def test_a_character_cut_off_by_the_budget_is_held_back_as_vllm_does(demo_model:
     from tokenizers.decoders import DecodeStream
     from transformers import AutoTokenizer
 
-    from service.backends.tokens import decode_answers
+    from service.worker.backends.tokens import decode_answers
 
     tok = AutoTokenizer.from_pretrained(demo_model)
     ids = tok("共享内存的𝄞 abc 😀", add_special_tokens=False)["input_ids"]

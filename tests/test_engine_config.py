@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from env import layer, preset_names
-from service.backends.base import EngineUnavailable
-from service.backends.tokens import stop_token_ids
-from service.backends.vllm_args import engine_args, speculative_config
+from service.contract.errors import EngineUnavailable
 from service.pipeline.warmup import load_questions
 from service.settings import Settings
+from service.worker.backends.tokens import stop_token_ids
+from service.worker.backends.vllm_args import engine_args, speculative_config
 
 
 def settings(**env: str) -> Settings:

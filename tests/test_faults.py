@@ -1,4 +1,4 @@
-"""The engine worker's test-only fault switch (FAULT_INJECT, service.pool.worker.Faults), without an engine.
+"""The engine worker's test-only fault switch (FAULT_INJECT, service.worker.main.Faults), without an engine.
 
 The servers of the suite use it for real (tests/test_pool.py and the hold gate of tests/conftest.py); this
 checks its parsing and the gate's file protocol on their own.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.pool.worker import Faults
+from service.worker.faults import Faults
 from tests.conftest import Gate
 
 

@@ -1,4 +1,4 @@
-"""The one table of limits (service.pipeline.limits) against the real engine, /predict and the settings.
+"""The one table of limits (service.contract.sampling) against the real engine, /predict and the settings.
 
 Every bound is tried just inside and just outside: inside, the real ``vllm.SamplingParams`` built from
 ``sampling_kwargs`` accepts it and so does our validation; outside, the engine rejects it (naming the
@@ -16,8 +16,8 @@ import pytest
 import vllm
 from vllm import SamplingParams
 
+from service.contract.sampling import INT64_MAX, LIMITS, Limit, OutOfRange, check, summary
 from service.http.schemas import PredictRequest, check_sampling, decode_predict
-from service.pipeline.limits import INT64_MAX, LIMITS, Limit, OutOfRange, check, summary
 from service.pipeline.prompting import Overrides, sampling_kwargs
 from service.settings import Settings, SettingsError
 from tests.conftest import Service, http_json

@@ -262,7 +262,7 @@ class TestOneWorker:
         groups = tree_groups(faulty.server.pid)
         procs = group_processes(groups)
         names = " ".join(p.name() + " " + " ".join(p.cmdline()) for p in procs)
-        assert "service.pool.worker" in names and "VLLM::EngineCore" in names, describe(procs)
+        assert "service.worker" in names and "VLLM::EngineCore" in names, describe(procs)
         assert len(groups) >= 2, describe(procs)  # the worker leads a group of its own
         batch = Request(faulty, {"prompt": gate.marked(questions(400))})
         gate.wait_held(1, unanswered=batch.pending)

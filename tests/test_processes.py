@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from service.pool.procs import group_alive, kill_group
+from service.procs import group_alive, kill_group
 from tests.conftest import (
     PYTHON,
     Server,
@@ -40,7 +40,7 @@ time.sleep(300)
 # reap_children stops it, reap_orphans collects its exit status, and a plain child's status is left to Popen.
 SUBREAPER = r"""
 import json, logging, os, subprocess, psutil
-from service.pool.procs import assert_tree_gone, become_subreaper, reap_children, reap_orphans
+from service.procs import assert_tree_gone, become_subreaper, reap_children, reap_orphans
 logging.basicConfig(level=logging.INFO)
 become_subreaper()
 plain = subprocess.Popen(["sleep", "120"])

@@ -274,7 +274,7 @@ def stop_during_batch(svc: Service, gate: Gate, n: int, workers: int = 1, ctrl_c
     assert not left, f"alive when the API process exited:\n{describe(left)}"
     assert port_is_free(svc.port)
     log = svc.server.log()
-    # The shutdown checked its tree (service.pool.procs.assert_tree_gone) before it said the engine stopped.
+    # The shutdown checked its tree (service.procs.assert_tree_gone) before it said the engine stopped.
     checked = log.find("[service] shutdown check: no process of the service's tree is left")
     assert -1 < checked < log.find("[service] engine stopped"), log[-3000:]
 

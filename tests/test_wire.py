@@ -8,10 +8,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from service.backends.tokens import encode_prompts
+from service.contract import wire
 from service.http.schemas import PredictResponse
 from service.pipeline.balance import merge_arrays
-from service.pool import wire
+from service.worker.backends.tokens import encode_prompts
 
 TRICKY = ['引号"和\\反斜杠', "换行\n与制表\t", "\x00\x1f控制", "emoji 🚀 \ud7ff", "", "[],{}", "\ufffd残缺"]
 

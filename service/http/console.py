@@ -18,7 +18,7 @@ from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from env import SECRETS
-from service.backends.base import EngineDead
+from service.contract.errors import EngineDead
 from service.http.errors import ClientError, json_response
 from service.http.progress import ProgressCollector, TrackedEngine
 from service.http.routes import QAState, _questions, unless_disconnected

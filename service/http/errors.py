@@ -13,7 +13,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
-from service.backends.base import EngineCallFailed, EngineDead, EngineRejected, EngineUnavailable
+from service.contract.errors import EngineCallFailed, EngineDead, EngineRejected, EngineUnavailable
 from service.http.schemas import Error, validation_field
 from service.settings import Settings
 

@@ -21,8 +21,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.contract import wire
 from service.pipeline.prompting import Overrides
-from service.pool import wire
 from service.pool.progress import REQUEST, RequestProgress
 
 log = logging.getLogger("service")

@@ -16,10 +16,11 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
-from service.backends.base import EngineDead, timing_level
+from service.contract.errors import EngineDead
 from service.http.errors import ClientError, error_response, json_response
 from service.http.metrics import CONTENT_TYPE, Metrics
 from service.http.schemas import ItemError, PredictResponse, SystemPrompt, decode_predict, decode_system_prompt
+from service.logs import timing_level
 from service.pool.client import EngineClient
 from service.pool.lifecycle import Pool
 from service.settings import Settings

@@ -8,7 +8,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-from service.pipeline.limits import LIMITS, problems
+from service.contract.sampling import LIMITS, problems
 from service.pipeline.prompting import Overrides
 
 
@@ -16,7 +16,7 @@ class PredictRequest(Overrides, forbid_unknown_fields=True, frozen=True, kw_only
     """``{"prompt": "question"}`` or ``{"prompt": [q1, q2, ...]}`` with optional decoding overrides.
 
     The types are checked by msgspec; the ranges are the engine's, checked by ``check_sampling`` against
-    the one table in ``service.pipeline.limits``.
+    the one table in ``service.contract.sampling``.
     """
 
     prompt: str | list[str]

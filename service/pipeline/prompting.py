@@ -262,7 +262,7 @@ class Planner:
         self.post = PostProcessor.from_settings(settings, self.router)
         # The engine decodes every answer token by token only to check stop strings. Stop strings that are
         # special tokens never match (special tokens are left out of the text), so when every stop string is
-        # one, the answers can be decoded once each, at the end (``service.backends.tokens.decode_answers``).
+        # one, the answers can be decoded once each, at the end (``service.worker.backends.tokens.decode_answers``).
         self.detokenize = not (decode_at_end and all(is_special_token(formatter.tokenizer, x) for x in self.stop))
         if not self.detokenize:
             self.stop = []

@@ -1,6 +1,6 @@
 """What the app talks to: an ``EngineClient`` that answers questions (like vLLM's ``EngineClient``).
 
-``ProcessEngineClient`` is the API process's side of one engine worker (``python -m service.pool.worker``,
+``ProcessEngineClient`` is the API process's side of one engine worker (``python -m service.worker``,
 which hosts the engine and the answering pipeline in a ``LocalEngineClient``), reached over a socket pair
 with msgpack frames.  The API process then imports neither vLLM nor torch (about 80 MB instead of 600 MB)
 and a crashing engine cannot take the HTTP side down with it.  The worker runs in a session of its own and
@@ -26,9 +26,12 @@ from typing import Any, Protocol
 
 import msgspec
 
-from service.backends.base import EngineCallFailed, EngineDead, EngineRejected, EngineStats, EngineUnavailable
+from service import procs
+from service.contract import wire
+from service.contract.errors import EngineCallFailed, EngineDead, EngineRejected, EngineUnavailable
+from service.contract.wire import EngineStats
 from service.pipeline.prompting import Overrides
-from service.pool import lifecycle, progress, wire
+from service.pool import progress
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -138,7 +141,7 @@ class ProcessEngineClient:
             return
         parent, child = socket.socketpair()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "service.pool.worker", str(child.fileno())],
+            [sys.executable, "-m", "service.worker", str(child.fileno())],
             pass_fds=(child.fileno(),), env=self.environ, close_fds=True, start_new_session=True,
         )
         child.close()
@@ -223,8 +226,8 @@ class ProcessEngineClient:
                     if future is not None and not future.done():
                         future.set_result(message)
         except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError) as exc:
-            code = await asyncio.to_thread(lifecycle.exit_code, self._proc, 2.0)
-            self._died(f"the {self.label} stopped ({lifecycle.describe_exit(code)}; {type(exc).__name__})")
+            code = await asyncio.to_thread(procs.exit_code, self._proc, 2.0)
+            self._died(f"the {self.label} stopped ({procs.describe_exit(code)}; {type(exc).__name__})")
         finally:
             self._died(f"the {self.label} stopped")
 
@@ -247,7 +250,7 @@ class ProcessEngineClient:
         if self._dead is not None:
             return self._dead
         if self._proc is not None and self._proc.poll() is not None:
-            return f"the {self.label} exited ({lifecycle.describe_exit(self._proc.returncode)})"
+            return f"the {self.label} exited ({procs.describe_exit(self._proc.returncode)})"
         return None
 
     def stalled(self, timeout: float) -> str | None:
@@ -329,12 +332,12 @@ class ProcessEngineClient:
         self.state, self.failure = "down", reason
         self._died(reason)
         if self._proc is not None:
-            await asyncio.to_thread(lifecycle.kill_tree, self._proc, self.label)
+            await asyncio.to_thread(procs.kill_tree, self._proc, self.label)
         self._close()
 
     async def shutdown(self) -> None:
         await self.stop_worker()
-        from service.pool.procs import reap_children
+        from service.procs import reap_children
 
         await asyncio.to_thread(reap_children)
 
@@ -353,8 +356,8 @@ class ProcessEngineClient:
                 await self._writer.drain()
         elif proc.poll() is None:
             proc.terminate()  # still starting (or restarting): nothing to drain, no need to wait for its engine
-        await asyncio.to_thread(lifecycle.stop_process, proc, self.settings.shutdown_timeout + 30)
-        await asyncio.to_thread(lifecycle.kill_tree, proc, self.label, False)  # whatever of its group outlived it
+        await asyncio.to_thread(procs.stop_process, proc, self.settings.shutdown_timeout + 30)
+        await asyncio.to_thread(procs.kill_tree, proc, self.label, False)  # whatever of its group outlived it
         self._close()
 
     def _close(self) -> None:

@@ -6,10 +6,12 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
-from service.backends.base import EngineCallFailed, EngineDead, EngineStats, engines_start_together
+from service.contract import wire
+from service.contract.errors import EngineCallFailed, EngineDead
+from service.contract.wire import EngineStats
 from service.pipeline.balance import merge_arrays, plan_shards
 from service.pipeline.prompting import Overrides
-from service.pool import vllm_metrics, wire
+from service.pool import vllm_metrics
 from service.pool.client import ProcessEngineClient, engine_environ
 from service.settings import Settings
 
@@ -77,7 +79,7 @@ class ShardedEngineClient:
 
     async def start(self) -> None:
         """Start the engines: all at once with a fixed KV-cache size, else one after another."""
-        if engines_start_together(self.workers[0].settings):
+        if self.workers[0].settings.engines_start_together:
             log.info("starting %d engine workers at once (fixed KV cache)", len(self.workers))
             await asyncio.gather(*(w.start() for w in self.workers))
             return
@@ -144,7 +146,7 @@ class ShardedEngineClient:
         await asyncio.gather(*(w.set_system_prompt(text) for w in self._up()))
 
     async def shutdown(self) -> None:
-        from service.pool.procs import reap_children
+        from service.procs import reap_children
 
         await asyncio.gather(*(w.stop_worker() for w in self.workers))
         await asyncio.to_thread(reap_children)  # once, after every worker has stopped its engine

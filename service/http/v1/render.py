@@ -13,9 +13,9 @@ from typing import Any
 
 import msgspec
 
+from service.contract.wire import Generated, Piece, TokenLogprob
 from service.http.v1.schemas import finite
 from service.pipeline.completion import ThinkSplitter, split_think
-from service.pool.wire import Generated, Piece, TokenLogprob
 
 _json = msgspec.json.Encoder()
 

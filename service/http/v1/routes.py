@@ -24,12 +24,12 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import BaseRouteHandler
 from litestar.response import Stream
 
-from service.backends.base import EngineCallFailed, EngineDead, EngineRejected, EngineUnavailable
+from service.contract import wire
+from service.contract.errors import EngineCallFailed, EngineDead, EngineRejected, EngineUnavailable
 from service.http.errors import JSON, TABLE
 from service.http.routes import CLIENT_CLOSED, ClientGone, QAState, unless_disconnected
 from service.http.v1.render import DONE, ChatShape, CompletionShape, Shape, sse
 from service.http.v1.schemas import ChatRequest, CompletionRequest, V1Error, bad, decode
-from service.pool import wire
 
 log = logging.getLogger("service")
 SERVED_BY = "qa-serve"

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API, their checks, and the one error shape.
 
 Types are checked by msgspec (an unknown field is refused, naming it); ranges come from the same table as
-``/predict``'s (``service.pipeline.limits``), so a value the engine would reject is refused here with a 400
+``/predict``'s (``service.contract.sampling``), so a value the engine would reject is refused here with a 400
 naming the parameter.  What the service does not do is refused the same way (``n`` > 1, ``logit_bias``,
 ``suffix``, tools, non-text message parts, ``echo`` with ``stream``), never ignored.
 """
@@ -14,8 +14,8 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
+from service.contract.sampling import INT64_MAX, LIMITS, Limit
 from service.pipeline.completion import Knobs, Sampling
-from service.pipeline.limits import INT64_MAX, LIMITS, Limit
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 # OpenAI's names of the /predict table's parameters (max_tokens is /predict's max_new_tokens).

@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.backends.base import EngineDead, EngineStats, Item, Outcome, require_import
+from service.contract.errors import EngineDead
+from service.contract.wire import EngineStats
 from service.settings import Settings
+from service.worker.backends.base import Item, Outcome, require_import
 
 log = logging.getLogger("service")
 BATCH = 16

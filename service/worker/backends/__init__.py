@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from service.backends.base import Engine, EngineUnavailable
+from service.contract.errors import EngineUnavailable
 from service.settings import Settings
+from service.worker.backends.base import Engine
 
 log = logging.getLogger("service")
 
@@ -20,7 +21,7 @@ def build_engine(settings: Settings) -> Engine:
     """The backend USE_VLLM asks for (not started yet); see ``Engine.check``."""
     backend = settings.backend
     if backend in ("vllm", "auto"):
-        from service.backends.vllm_engine import VllmEngine
+        from service.worker.backends.vllm_engine import VllmEngine
 
         engine: Engine = VllmEngine(settings)
         if backend == "vllm":
@@ -28,13 +29,13 @@ def build_engine(settings: Settings) -> Engine:
         try:
             engine.check()
         except EngineUnavailable as exc:
-            from service.backends.hf_engine import TransformersEngine
+            from service.worker.backends.hf_engine import TransformersEngine
 
             fallback = TransformersEngine(settings)
             fallback.notice = f"USE_VLLM=auto: vLLM unavailable ({exc}); serving with transformers (slow)"
             log.warning("%s", fallback.notice)
             return fallback
         return engine
-    from service.backends.hf_engine import TransformersEngine
+    from service.worker.backends.hf_engine import TransformersEngine
 
     return TransformersEngine(settings)

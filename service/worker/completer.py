@@ -11,11 +11,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from service.backends.base import Engine, EngineRejected
-from service.backends.tokens import encode_prompts, stop_token_ids
+from service.contract.errors import EngineRejected
+from service.contract.wire import Generate, Generated, Piece, TokenLogprob
 from service.pipeline.completion import fit_max_tokens, sampling_kwargs
-from service.pool.wire import Generate, Generated, Piece, TokenLogprob
 from service.settings import Settings
+from service.worker.backends.base import Engine
+from service.worker.backends.tokens import encode_prompts, stop_token_ids
 
 CONTEXT = "context_length_exceeded"  # OpenAI's error code for a prompt or budget over the context
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from service.backends.base import EngineUnavailable
+from service.contract.errors import EngineUnavailable
 from service.settings import Settings
 
 log = logging.getLogger("service")

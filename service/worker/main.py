@@ -1,4 +1,4 @@
-"""``python -m service.pool.worker FD``: the engine worker, hosting a ``LocalEngineClient``.
+"""``python -m service.worker FD``: the engine worker, hosting a ``LocalEngineClient``.
 
 Started by ``ProcessEngineClient`` with one end of a socket pair, in a session of its own (its process
 group is its pid, and vLLM's processes join it).  It builds the settings from its environment (the API
@@ -21,167 +21,25 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from service.backends import build_engine
-from service.backends.base import Engine, EngineDead, EngineRejected, EngineStats, EngineUnavailable
-from service.pipeline.prompting import Overrides
-from service.pool import progress, wire
-from service.pool.procs import become_subreaper, freeze_heap, reap_children
+from service.contract import wire
+from service.contract.errors import EngineDead, EngineRejected, EngineUnavailable
+from service.logs import configure_logging
+from service.procs import become_subreaper, freeze_heap, reap_children
 from service.settings import Settings, SettingsError
+from service.worker import progress
+from service.worker.backends import build_engine
+from service.worker.faults import NO_FAULTS, Faults
+from service.worker.local import LocalEngineClient
 
 log = logging.getLogger("service")
 STATS_EVERY = 0.25
-
-
-class LocalEngineClient:
-    """An ``Engine`` plus the answering pipeline (``service.pipeline.answer.Answerer``) in this process."""
-
-    def __init__(self, settings: Settings, engine: Engine):
-        self.settings = settings
-        self.engine = engine
-        self.answerer: Any = None
-        self.completer: Any = None
-        self.chat_format: str | None = None
-        self.system_prompt = ""
-
-    @property
-    def name(self) -> str:
-        return self.engine.name
-
-    @property
-    def notice(self) -> str | None:
-        return self.engine.notice
-
-    @property
-    def stats(self) -> EngineStats:
-        return self.engine.stats
-
-    @property
-    def init_seconds(self) -> float | None:
-        return self.engine.init_seconds
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    def check(self) -> None:
-        self.engine.check()
-
-    async def start(self) -> None:
-        from service.pipeline.answer import Answerer
-        from service.pipeline.completer import Completer
-
-        await self.engine.start()
-        self.answerer = Answerer(self.settings, self.engine, self.settings.load_system_prompt())
-        self.completer = Completer(self.settings, self.engine)
-        self._describe()
-
-    def _describe(self) -> None:
-        self.system_prompt = self.answerer.system_prompt
-        self.chat_format = "fast" if self.answerer.planner.formatter.fast else "template"
-
-    def alive(self) -> str | None:
-        return self.engine.alive()
-
-    async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
-        if self.answerer is None:
-            raise EngineDead("the engine is not started")
-        return await self.answerer.answer(questions, overrides)
-
-    async def complete(self, call: wire.Generate, emit: Any) -> wire.Generated:
-        """A ``/v1`` call: raw generation (``service.pipeline.completer``); ``emit`` gets streamed pieces."""
-        if self.completer is None:
-            raise EngineDead("the engine is not started")
-        if not hasattr(self.engine, "stream"):
-            raise EngineRejected(f"the OpenAI-compatible API needs the vLLM backend; this worker runs {self.name} "
-                                 "(USE_VLLM=false or its fallback)", None, "unsupported_backend")
-        return await self.completer.complete(call, emit)
-
-    async def set_system_prompt(self, text: str) -> None:
-        if self.answerer is None:
-            raise EngineDead("not ready: the system prompt can be replaced once the engine is up")
-        self.answerer.set_system_prompt(text)
-        self._describe()
-
-    async def shutdown(self) -> None:
-        await self.engine.shutdown()
 
 
 def _die_with_parent() -> None:
     """Linux: get SIGTERM when the API process dies, so the engine never outlives it."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-@dataclass(frozen=True)
-class Faults:
-    """FAULT_INJECT, for tests only: questions that make their call raise (``raise_on``) or hang (``hang_on``),
-    make the engine count as dead once their call is answered (``die_after``), or hold their call before it
-    reaches the engine until the test releases it (``hold_on``, with ``hold_dir``: the worker writes
-    ``held-<its pid>-<call id>`` there and waits for a file ``release``, then removes its marker)."""
-
-    raise_on: tuple[str, ...] = ()
-    hang_on: tuple[str, ...] = ()
-    die_after: tuple[str, ...] = ()
-    hold_on: tuple[str, ...] = ()
-    hold_dir: str = ""
-
-    @classmethod
-    def parse(cls, text: str) -> Faults:
-        """``raise_on=TEXT;hang_on=TEXT;die_after=TEXT;hold_on=TEXT;hold_dir=DIR`` (any of them, or empty);
-        ValueError naming what is allowed."""
-        found: dict[str, list[str]] = {"raise_on": [], "hang_on": [], "die_after": [], "hold_on": [], "hold_dir": []}
-        allowed = ("FAULT_INJECT={text!r}: allowed raise_on=TEXT, hang_on=TEXT, die_after=TEXT and hold_on=TEXT "
-                   "with hold_dir=DIR, separated by ;")
-        for part in filter(None, (p.strip() for p in text.split(";"))):
-            key, sep, value = part.partition("=")
-            if not sep or key.strip() not in found or not value:
-                raise ValueError(allowed.format(text=text))
-            found[key.strip()].append(value)
-        if bool(found["hold_on"]) != bool(found["hold_dir"]) or len(found["hold_dir"]) > 1:
-            raise ValueError(allowed.format(text=text) + " (hold_on needs exactly one hold_dir)")
-        return cls(tuple(found["raise_on"]), tuple(found["hang_on"]), tuple(found["die_after"]),
-                   tuple(found["hold_on"]), "".join(found["hold_dir"]))
-
-    @property
-    def active(self) -> bool:
-        """Whether any question can trigger a fault before the engine (else ``apply`` looks at none)."""
-        return bool(self.raise_on or self.hang_on or self.hold_on)
-
-    async def apply(self, call_id: int, questions: list[str]) -> None:
-        if not self.active:  # the production case: no scan of every question on the request path
-            return
-        for question in questions:
-            if any(text in question for text in self.raise_on):
-                raise RuntimeError("FAULT_INJECT: a question asked this call to fail (test-only fault switch)")
-            if any(text in question for text in self.hang_on):
-                log.warning("FAULT_INJECT: a question asked this call to hang (test-only fault switch)")
-                await asyncio.Event().wait()
-        if any(text in question for question in questions for text in self.hold_on):
-            await self._hold(call_id, len(questions))
-
-    async def _hold(self, call_id: int, count: int) -> None:
-        """Hold the call until ``hold_dir/release`` exists; ``hold_dir/held-PID-ID`` says that it is held."""
-        folder = Path(self.hold_dir)
-        marker, release = folder / f"held-{os.getpid()}-{call_id}", folder / "release"
-        marker.write_text(f"{count}\n")
-        log.warning("FAULT_INJECT: call %d (%d questions) is held until %s exists", call_id, count, release)
-        try:
-            while not release.exists():
-                await asyncio.sleep(0.01)
-        finally:
-            marker.unlink(missing_ok=True)
-
-    async def answered(self, questions: list[str], dead: asyncio.Future[str]) -> None:
-        """``die_after``: the engine counts as dead from now, and the call's reply is put one round later, after
-        the worker has seen the death: the narrowest order in which a real death can meet a finished call."""
-        if not dead.done() and any(text in q for q in questions for text in self.die_after):
-            log.warning("FAULT_INJECT: a question asked the engine to count as dead after its answer")
-            dead.set_result("FAULT_INJECT: the engine counts as dead after answering (test-only fault switch)")
-            await asyncio.sleep(0)
 
 
 async def _watch(client: LocalEngineClient, writer: asyncio.StreamWriter, dead: asyncio.Future[str]) -> None:
@@ -275,7 +133,7 @@ async def _receive(client: LocalEngineClient, reader: asyncio.StreamReader, outb
             task.add_done_callback(lambda _, id_=message.id: calls.pop(id_, None))
 
 
-async def serve(client: LocalEngineClient, sock: socket.socket, faults: Faults = Faults()) -> int:
+async def serve(client: LocalEngineClient, sock: socket.socket, faults: Faults = NO_FAULTS) -> int:
     """Start the engine on Start, then answer calls until Stop; the exit code (4: the engine died)."""
     reader, writer = await asyncio.open_connection(sock=sock, limit=2**26)
     try:
@@ -346,15 +204,14 @@ def main(argv: list[str]) -> int:
     except SettingsError as exc:
         wire.send_sync(sock, wire.Failed(str(exc), 2))
         return 2
-    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
-                        format="%(asctime)s %(levelname)s [service] %(message)s", stream=sys.stderr)
+    configure_logging(settings.log_level)
     _hide_own_vllm_variables()
     try:
         faults = Faults.parse(settings.fault_inject)
     except ValueError as exc:
         wire.send_sync(sock, wire.Failed(str(exc), 2))
         return 2
-    if faults != Faults():
+    if faults != NO_FAULTS:
         log.warning("FAULT_INJECT=%r: test-only faults are switched on in this engine worker", settings.fault_inject)
     try:
         engine = build_engine(settings)

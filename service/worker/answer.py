@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
-from service.backends.base import Engine, Item, timing_level
+from service.contract.wire import Answers
+from service.logs import timing_level
 from service.pipeline.prompting import Formatter, Overrides, Planner
-from service.pool.wire import Answers
 from service.settings import Settings
+from service.worker.backends.base import Engine, Item
 
 log = logging.getLogger("service")
 
@@ -17,7 +18,7 @@ class Answerer:
     """Built once the engine is up (it needs the tokenizer); the system prompt can be replaced."""
 
     def __init__(self, settings: Settings, engine: Engine, system_prompt: str):
-        from service.backends.tokens import stop_token_ids
+        from service.worker.backends.tokens import stop_token_ids
 
         self.settings = settings
         self.engine = engine

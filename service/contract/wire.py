@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -13,6 +14,35 @@ from msgspec import Struct
 
 from service.pipeline.completion import Sampling
 from service.pipeline.prompting import Overrides
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters the engine layer keeps for /metrics (the engine's own scheduler numbers included)."""
+
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    running: int = 0
+    peak_running: int = 0
+    waiting: int = 0
+    has_scheduler: bool = False  # running/waiting are the engine's own counts (ENGINE_STATS=1 with vLLM)
+    # Progress counters (only ever grow): a worker with questions in flight whose counters stand still for
+    # ENGINE_STALL_TIMEOUT seconds is stuck (service.pool.client).
+    finished: int = 0  # questions the engine finished (answered, rejected or aborted)
+    generated: int = 0  # tokens generated, as the engine reports them step by step (ENGINE_STATS=1 with vLLM)
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def enter(self, n: int = 1) -> None:
+        self.in_flight += n
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def leave(self, n: int = 1) -> None:
+        self.in_flight -= n
+
+    def scheduler(self, running: int, waiting: int) -> None:
+        self.running, self.waiting = running, waiting
+        self.peak_running = max(self.peak_running, running)
+
 
 _LEN = struct.Struct("!I")
 

@@ -15,20 +15,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from service.backends.base import (
-    EngineDead,
-    EngineRejected,
-    EngineStats,
-    Item,
-    Outcome,
-    require_import,
-    timing_level,
-)
-from service.backends.tokens import decode_answers, encode_prompts
-from service.backends.vllm_args import engine_args
-from service.pool import progress
-from service.pool.procs import reap_children
+from service.contract.errors import EngineDead, EngineRejected
+from service.contract.wire import EngineStats
+from service.logs import timing_level
+from service.procs import reap_children
 from service.settings import Settings
+from service.worker import progress
+from service.worker.backends.base import Item, Outcome, require_import
+from service.worker.backends.tokens import decode_answers, encode_prompts
+from service.worker.backends.vllm_args import engine_args
 
 log = logging.getLogger("service")
 
@@ -85,7 +80,7 @@ class VllmEngine:
 
     ``ENGINE_FRONTEND=async``: ``AsyncLLM`` (vLLM's API server's), one task per question.
     ``ENGINE_FRONTEND=sync``: ``LLMEngine`` stepped on one thread as ``LLM.generate`` does
-    (``service.backends.vllm_step.StepLoop``).  Both share the engine arguments, the prompts (token ids) and the
+    (``service.worker.backends.vllm_step.StepLoop``).  Both share the engine arguments, the prompts (token ids) and the
     sampling parameters; concurrent requests batch together in the engine with either.
     """
 
@@ -128,7 +123,7 @@ class VllmEngine:
             from vllm.v1.engine.exceptions import EngineDeadError
             from vllm.v1.engine.llm_engine import LLMEngine
 
-            from service.backends.vllm_step import StepLoop
+            from service.worker.backends.vllm_step import StepLoop
 
             args = EngineArgs(**engine_args(s), disable_log_stats=not s.engine_stats)
             self._llm = await asyncio.to_thread(LLMEngine.from_engine_args, args, UsageContext.LLM_CLASS, loggers)
@@ -261,7 +256,7 @@ class VllmEngine:
 
         Cancelled (the client went away), its questions are aborted in the engine and leave the backlog.
         """
-        from service.backends.vllm_step import LoopStopped, Rejected
+        from service.worker.backends.vllm_step import LoopStopped, Rejected
 
         steps = self._steps  # shutdown may clear the attribute while this request waits
         ids = [f"q{next(self._ids)}" for _ in requests]
@@ -326,7 +321,7 @@ class VllmEngine:
 
     async def _step_stream(self, request_id: str, prompt: Any, sp: Any) -> AsyncIterator[Any]:
         """The step loop's outputs of one request as they come; aborted there unless it finished."""
-        from service.backends.vllm_step import LoopStopped, Rejected
+        from service.worker.backends.vllm_step import LoopStopped, Rejected
 
         steps = self._steps
         queue: asyncio.Queue[Any] = asyncio.Queue()

@@ -25,6 +25,7 @@ import gc
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -235,3 +236,86 @@ def reap_orphans() -> list[int]:
                     if os.waitpid(child.pid, os.WNOHANG)[0] == child.pid:
                         reaped.append(child.pid)
     return reaped
+
+
+# --- ending one engine worker (its process group) ----------------------------------------------
+
+
+def exit_code(proc: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
+    """The worker's exit code, waiting up to ``timeout`` s for it (None: still running)."""
+    if proc is None:
+        return None
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def describe_exit(code: int | None) -> str:
+    """An exit code in words: ``killed by SIGKILL``, ``its engine died (exit code 4)``, ``exit code 1``."""
+    if code is None:
+        return "its connection closed while it still runs"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return "its engine died (exit code 4)" if code == 4 else f"exit code {code}"
+
+
+def kill_tree(proc: subprocess.Popen[bytes], label: str, hard: bool = True) -> None:
+    """End the worker's whole process group (the worker, vLLM's EngineCore and Workers); reap the worker.
+
+    ``hard``: SIGKILL at once (a crashed or stuck worker); else what is left of the group after the worker
+    exited gets SIGTERM, then SIGKILL.  Returns once no process of the group is alive.
+    """
+    pgid = proc.pid  # the worker leads a session of its own (start_new_session)
+    if hard:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    kill_group(pgid, timeout=0 if hard else 10)
+    _reap_group(pgid)
+    if left := group_alive(pgid):
+        log.error("%s: processes %s of its group are still alive", label, left)
+
+
+def _reap_group(pgid: int, timeout: float = 2.0) -> None:
+    """Collect the exit status of this process's children in group ``pgid`` (orphans it adopted as subreaper).
+
+    An orphan is re-parented to this process only once its own parent has exited, so some may come late.
+    """
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        children = []
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process().children():
+                with contextlib.suppress(psutil.Error, OSError):
+                    if os.getpgid(child.pid) == pgid:
+                        children.append(child)
+        for child in children:
+            with contextlib.suppress(psutil.Error, OSError):
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(child.pid, os.WNOHANG)
+        if not children or time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for the worker to stop its engine and exit; SIGTERM, then SIGKILL, if it does not."""
+    started = time.monotonic()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("engine worker did not stop within %.0f s; terminating it", timeout)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    log.info("engine worker exited with %s after %.1f s", proc.returncode, time.monotonic() - started)
