@@ -9,10 +9,11 @@ Examples::
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
-import subprocess
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import nox
 
@@ -30,11 +31,17 @@ def engine_target() -> str:
     setting = os.environ.get("INSTALL_TARGET", "auto").strip().lower() or "auto"
     if setting in ("cpu", "gpu"):
         return setting
-    if Path("/dev/nvidia0").exists():
-        return "gpu"
-    smi = shutil.which("nvidia-smi")
-    listed = subprocess.run([smi, "-L"], capture_output=True, text=True) if smi else None
-    return "gpu" if listed is not None and listed.returncode == 0 and "GPU" in listed.stdout else "cpu"
+    return "gpu" if _hardware().nvidia_gpu() is not None else "cpu"
+
+
+def _hardware() -> ModuleType:
+    """``env/hardware.py``, the project's one hardware probe, loaded by path: nox's own venv has no dependencies."""
+    spec = importlib.util.spec_from_file_location("qa_env_hardware", ROOT / "env" / "hardware.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
 def install_locked(session: nox.Session) -> None:

@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +31,7 @@ from bench.bench import DEFAULT_DATA, service_batch, service_env, started_servic
 from bench.client import request
 from bench.data import DataError, load_pairs
 from env import PRESET_DIR, SECRETS, read_preset
+from env.hardware import probe_hardware
 from env.layout import LAYOUT_KEYS
 
 log = logging.getLogger("bench")
@@ -83,18 +81,11 @@ class Host:
 
 
 def detect_host() -> Host:
-    """The GPUs ``nvidia-smi`` lists (name, memory) and the cores this process may use."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        done = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=60)
-        gpus = [line.rsplit(",", 1) for line in done.stdout.splitlines() if "," in line] if done.returncode == 0 else []
-        if gpus:
-            name, mib = gpus[0][0].strip(), gpus[0][1].strip()
-            memory = f"{int(mib):,} MiB" if mib.isdigit() else mib
-            return Host(f"{len(gpus)}x {name}, {memory}", cores)
-    return Host(None, cores)
+    """The GPUs and the cores this process may use (``env.hardware``, the project's one probe)."""
+    hw = probe_hardware()
+    if not hw.gpus:
+        return Host(None, hw.cpu_cores)
+    return Host(f"{hw.gpus}x {hw.gpu_name}, {hw.gpu_memory_bytes // 2**20:,} MiB", hw.cpu_cores)
 
 
 def parse_candidate(spec: str) -> Candidate:

@@ -7,6 +7,7 @@ Nothing here touches ``os.environ``: callers get a mapping and decide what to do
 steps of ``inv run`` (``env/steps/``, one module per step) and is never imported by the service.
 """
 
+from env.hardware import Hardware, probe_hardware
 from env.layering import (
     DEFAULTS,
     PRESET_DIR,
@@ -24,7 +25,7 @@ from env.layering import (
     resolve_path,
     with_layout,
 )
-from env.layout import LAYOUT_KEYS, Hardware, ModelShape, derive, probe_hardware, read_model_shape
+from env.layout import LAYOUT_KEYS, ModelShape, derive, read_model_shape
 from env.values import is_on, parse_bool
 
 __all__ = [

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from dotenv.parser import parse_stream
 
-from env.layout import AUTO, LAYOUT_KEYS, Hardware, ModelShape, derive, probe_hardware, read_model_shape
+from env.hardware import Hardware, probe_hardware
+from env.layout import AUTO, LAYOUT_KEYS, ModelShape, derive, read_model_shape
 
 PRESET_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PRESET_DIR.parent

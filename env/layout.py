@@ -5,19 +5,17 @@ from ``derive``; any other value (a preset's, the shell's) is kept and constrain
 ``ENGINE_WORKERS=4`` set by hand, the KV cache and the graph sizes are derived for four engines).
 Without an NVIDIA GPU every ``auto`` value is the engine's default of before, so CPU hosts see no change.
 
-Pure logic plus a small hardware probe (``nvidia-smi``): this module never imports torch or vLLM.
+Pure logic over the hardware (``env.hardware``, the one probe): this module never imports torch or vLLM.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import shutil
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from env.hardware import Hardware
 
 AUTO = "auto"
 GiB = 2**30
@@ -70,39 +68,6 @@ MULTI_ENGINE_UTILIZATION_PCT = 96  # split over the engines (6 -> 0.16: only vLL
 ONE_ENGINE_UTILIZATION = "0.92"  # one engine profiles its KV cache within this share
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 1792, 2048)  # 17, not 163
 MIN_BATCH_CONCURRENCY, BATCH_CONCURRENCY_PER_SEQ = 512, 4  # per engine; >= max_num_seqs so a batch fills
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """What the layout depends on: the GPUs (all alike), the memory of one, and this process's CPU cores."""
-
-    gpus: int
-    gpu_name: str
-    gpu_memory_bytes: int  # of one GPU; 0 when none
-    cpu_cores: int
-
-
-@functools.cache
-def probe_hardware() -> Hardware:
-    """The NVIDIA GPUs from ``nvidia-smi`` (absent or failing: none) and the usable CPU cores; once per process."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    none = Hardware(0, "", 0, cores)
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return none
-    try:
-        done = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=20)
-        rows = [line.rsplit(",", 1) for line in done.stdout.splitlines() if line.strip()]
-        gpus = [(name.strip(), int(float(mib)) * 2**20) for name, mib in rows]
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return none
-    if done.returncode != 0 or not gpus:
-        return none
-    return Hardware(len(gpus), gpus[0][0], gpus[0][1], cores)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from env.hardware import nvidia_gpu
 from env.layering import PROJECT_ROOT
 from env.locks import CPU_UNWANTED, lock_path
 from env.steps.errors import EXIT_INSTALL, EXIT_INVALID, LaunchError
@@ -63,16 +63,8 @@ def install_target(setting: str) -> tuple[str, str]:
         raise LaunchError(f"INSTALL_TARGET={setting!r} is not one of {', '.join(INSTALL_TARGETS)}", EXIT_INVALID)
     if value != "auto":
         return value, f"INSTALL_TARGET={value}"
-    if Path("/dev/nvidia0").exists():
-        return "gpu", "INSTALL_TARGET=auto and /dev/nvidia0 exists"
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
-            if listed.returncode == 0 and "GPU" in listed.stdout:
-                return "gpu", "INSTALL_TARGET=auto and nvidia-smi lists a GPU"
-        except (OSError, subprocess.SubprocessError):
-            pass
+    if (why := nvidia_gpu()) is not None:
+        return "gpu", f"INSTALL_TARGET=auto and {why}"
     return "cpu", "INSTALL_TARGET=auto and no NVIDIA GPU found (no /dev/nvidia0, nvidia-smi lists none)"
 
 
