@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from service.pipeline.balance import plan_shards
-from service.pipeline.prompting import Overrides
+from service.pipeline.routing import Router, route_all
 from service.pool.client import engine_environ
 
 log = logging.getLogger("bench")
@@ -172,7 +172,8 @@ class ShardedCeiling:
 
     def run(self, questions: list[str], variant: str | None = None) -> Run:
         started = time.perf_counter()  # the plan is part of the round, as in the service
-        shards = plan_shards(questions, self.settings, Overrides(), len(self.children))
+        routed = route_all(self.settings, Router.from_settings(self.settings), questions)  # as the API process
+        shards = plan_shards(questions, routed, len(self.children))
         busy = list(zip(self.children, shards, strict=False))
         for child, shard in busy:  # the same shards as the service's workers answer
             child.send({"questions": [questions[i] for i in shard], "variant": variant})

@@ -34,7 +34,7 @@ from typing import Any
 from bench.client import Unreachable, generated_tokens, request
 from bench.data import DataError, load_pairs
 from bench.rouge import rouge_l
-from service.pipeline.prompting import Route, Router
+from service.pipeline.routing import Route, Router
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("eval")

@@ -33,8 +33,8 @@ def create_app_from_env() -> Litestar:
     configure_logging(settings.log_level)
     # Orphans of the workers' processes come back to this process, not to init (service.procs).
     become_subreaper()
-    # The workers get the layout as resolved here, so that no worker derives its own (env/layout.py).
-    engine = engine_client(settings, {**os.environ, **{key: value for key, value, _ in settings.layout}})
+    # The workers get these settings, layout included, in their first frame: none parses or derives its own.
+    engine = engine_client(settings, os.environ)
     engine.spawn()  # the worker imports the engine while this process imports the web stack
     from service.http.app import create_app
 

@@ -14,8 +14,10 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
+
+import msgspec
 
 from env import SECRETS, layer, resolve_layout
 from env.provenance import sources as _sources
@@ -207,6 +209,15 @@ class Settings:
         layout = tuple((key, item.value, item.reason or "") for key, item in layered.items() if item.source == "auto")
         return cls(**parsed, layout=layout, sources=_sources(environ, layered))
 
+    def to_wire(self) -> bytes:
+        """These settings as the worker's ``Setup`` frame carries them (msgpack): parsed once, in the API process."""
+        return _ENCODER.encode(self)
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> Settings:
+        """The settings ``to_wire`` encoded (the engine worker's, exactly the API process's)."""
+        return msgspec.msgpack.decode(data, type=cls, dec_hook=_path)
+
     @property
     def backend(self) -> str:
         """``vllm``, ``transformers`` or ``auto`` as chosen by USE_VLLM."""
@@ -247,6 +258,21 @@ class Settings:
     def layout_info(self) -> dict[str, dict[str, str]]:
         """The derived layout values for GET /info: ``{KEY: {"value", "source": "auto", "reason"}}``."""
         return {key: {"value": value, "source": "auto", "reason": reason} for key, value, reason in self.layout}
+
+
+def _path_text(value: Any) -> Any:
+    if isinstance(value, PurePath):
+        return str(value)
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+def _path(kind: type, value: Any) -> Any:
+    if kind is Path:
+        return Path(value)
+    raise NotImplementedError(f"cannot decode {kind}")
+
+
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=_path_text)
 
 
 def _cross_checks(p: Mapping[str, Any]) -> list[str]:

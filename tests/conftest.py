@@ -436,7 +436,7 @@ def service(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 class Gate:
-    """The engine worker's hold gate (``FAULT_INJECT=hold_on=<<HOLD>>;hold_dir=DIR``, service.worker.main).
+    """The engine worker's hold gate (``FAULT_INJECT=hold_on=<<HOLD>>;hold_dir=DIR``, service.worker.faults).
 
     A call with a question containing ``MARK`` waits in its worker, before its engine, until ``release``; the
     worker says it holds the call with a file ``held-<pid>-<call id>`` in the folder.  Tests wait for that

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.pipeline.balance import deal, plan_shards, predicted_work
-from service.pipeline.prompting import Overrides, Router, budget
+from service.pipeline.routing import Router, budget, route_all
 from service.settings import Settings
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pmpp_qa.jsonl"
@@ -37,9 +37,11 @@ def test_the_evaluation_set_gets_the_same_routes_and_work_on_every_engine() -> N
     settings = Settings.from_environ({})
     router = Router.from_settings(settings)
     routes = [router.route(q) for q in questions]
-    work = predicted_work(questions, settings, Overrides())
+    routed = route_all(settings, router, questions)
+    assert routed.routes == routes
+    work = predicted_work(questions, routed)
     assert work == [budget(settings, r) + len(q) // 64 for q, r in zip(questions, routes, strict=True)]
-    shards = plan_shards(questions, settings, Overrides(), 6)
+    shards = plan_shards(questions, routed, 6)
     totals = [sum(work[i] for i in shard) for shard in shards]
     assert max(totals) - min(totals) <= max(work)
     per_engine = [Counter(routes[i] for i in shard) for shard in shards]
@@ -48,14 +50,15 @@ def test_the_evaluation_set_gets_the_same_routes_and_work_on_every_engine() -> N
         assert max(counts) - min(counts) <= 2, (route, counts)
     # contiguous shards would not be: the hard/long questions cluster in the file
     contiguous = [questions[len(questions) * k // 6: len(questions) * (k + 1) // 6] for k in range(6)]
-    contiguous_work = [sum(predicted_work(part, settings, Overrides())) for part in contiguous]
+    contiguous_work = [sum(predicted_work(part, route_all(settings, router, part))) for part in contiguous]
     assert max(contiguous_work) > 1.2 * max(totals)
 
 
 def test_an_override_or_routing_off_gives_every_question_the_same_budget() -> None:
     questions = ["什么是warp？", "写出 __global__ void k() 的核心代码", "用伪代码写一下归约"]
-    routed = Settings.from_environ({})
-    assert len(set(predicted_work(questions, routed, Overrides()))) == 3
-    assert predicted_work(questions, routed, Overrides(max_new_tokens=7)) == [7, 7, 7]
+    on = Settings.from_environ({})
+    router = Router.from_settings(on)
+    assert len(set(predicted_work(questions, route_all(on, router, questions)))) == 3
+    assert route_all(on, router, questions, max_tokens=7).budgets == [7, 7, 7]
     off = Settings.from_environ({"DISABLE_TOKEN_ROUTING": "1"})
-    assert predicted_work(questions, off, Overrides()) == [off.max_new_tokens] * 3
+    assert route_all(off, Router.from_settings(off), questions).budgets == [off.max_new_tokens] * 3

@@ -12,7 +12,7 @@ import pytest
 from bench.data import DataError, load_pairs
 from bench.evaluate import Item, format_table, generated_tokens, main, route_group, router_for, score_items, summarize
 from bench.rouge import lcs_length, rouge_l, tokens
-from service.pipeline.prompting import Route
+from service.pipeline.routing import Route
 from tests.conftest import PYTHON, SHARED_DATA, Service, free_port, python_env
 
 REPORT_KEYS = {"url", "data", "offset", "questions", "scored", "rouge_l_f1", "answer_chars", "routes", "wall_s",

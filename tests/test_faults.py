@@ -1,4 +1,4 @@
-"""The engine worker's test-only fault switch (FAULT_INJECT, service.worker.main.Faults), without an engine.
+"""The engine worker's test-only fault switch (FAULT_INJECT, service.worker.faults.Faults), without an engine.
 
 The servers of the suite use it for real (tests/test_pool.py and the hold gate of tests/conftest.py); this
 checks its parsing and the gate's file protocol on their own.

@@ -1,7 +1,7 @@
 """The one table of limits (service.contract.sampling) against the real engine, /predict and the settings.
 
 Every bound is tried just inside and just outside: inside, the real ``vllm.SamplingParams`` built from
-``sampling_kwargs`` accepts it and so does our validation; outside, the engine rejects it (naming the
+``engine_kwargs`` accepts it and so does our validation; outside, the engine rejects it (naming the
 parameter) and so does our validation, in the /predict decoder and in the settings.  Were the engine's
 ranges to change, these tests fail instead of a request hanging or a 500.
 """
@@ -16,9 +16,22 @@ import pytest
 import vllm
 from vllm import SamplingParams
 
-from service.contract.sampling import INT64_MAX, LIMITS, Limit, OutOfRange, check, summary
+from service.contract.sampling import (
+    INT64_MAX,
+    LIMITS,
+    PARAMS,
+    TABLE,
+    Knobs,
+    Limit,
+    OutOfRange,
+    Overrides,
+    Sampling,
+    check,
+    summary,
+)
 from service.http.schemas import PredictRequest, check_sampling, decode_predict
-from service.pipeline.prompting import Overrides, sampling_kwargs
+from service.http.v1.schemas import ChatRequest, decode
+from service.pipeline.prompting import engine_kwargs
 from service.settings import Settings, SettingsError
 from tests.conftest import Service, http_json
 
@@ -29,13 +42,16 @@ ENGINE_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError,
 SETTING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty")
 
 
-def engine_accepts(field: str, value: object) -> bool:
+def engine_accepts(field: str, value: object, row: Limit | None = None) -> bool:
     """Whether the installed engine's SamplingParams takes ``value`` for ``field``, as the service passes it."""
-    kwargs = sampling_kwargs(SETTINGS, Overrides(**{field: value}), 16, ["<|im_end|>"], [0])
+    row = row or LIMITS[field]
+    # the budget is the route's (the call's max_tokens is its input); min_tokens may not exceed it
+    budget = value if row.param == "max_tokens" or (row.param == "min_tokens" and value > 16) else 16
+    kwargs = engine_kwargs(SETTINGS, Sampling(**{row.param: value}), budget, ["<|im_end|>"], [0])  # type: ignore[arg-type]
     try:
         SamplingParams(**kwargs)
     except ENGINE_ERRORS as exc:
-        assert LIMITS[field].param in str(exc), (field, value, exc)  # rejected for this parameter, not another
+        assert row.param in str(exc), (field, value, exc)  # rejected for this parameter, not another
         return False
     return True
 
@@ -133,10 +149,9 @@ def test_the_table_reads_as_the_engine_writes_it() -> None:
     for part in ("temperature: [0, 2]", "top_p: (0, 1]", "top_k: [-1, 2^63-1]", "repetition_penalty: (0, inf)",
                  "frequency_penalty: [-2, 2]", "max_new_tokens: [1, 2^63-1]"):
         assert part in text, text
-    # every keyword sampling_kwargs passes is either in the table or set by the service, not by a client
-    kwargs = sampling_kwargs(SETTINGS, Overrides(), 16, [], [])
-    ranged = {limit.param for limit in LIMITS.values()}
-    assert set(kwargs) - ranged == {"detokenize", "stop", "stop_token_ids", "seed"}
+    # every keyword engine_kwargs passes is either in the table or set by the call, not a ranged value
+    kwargs = engine_kwargs(SETTINGS, Sampling(), 16, [], [])
+    assert set(kwargs) - set(PARAMS) == {"detokenize", "stop", "stop_token_ids", "logprobs", "prompt_logprobs"}
 
 
 def test_settings_temperature_3_is_refused_with_the_range() -> None:
@@ -166,3 +181,35 @@ def test_predict_answers_at_the_ends_of_every_range(service: Service) -> None:
         status, reply = http_json("POST", service.url + "/predict",
                                   {"prompt": ["hello", "什么是CUDA？"], "max_new_tokens": 4, **ends}, timeout=120)
         assert status == 200 and len(reply["response"]) == 2 and not reply.get("errors"), (ends, reply)
+
+
+V1_ONLY = [row for row in TABLE if row.predict is None and row.kind is not bool]
+
+
+@pytest.mark.parametrize("row", V1_ONLY, ids=lambda row: row.param)
+def test_the_v1_only_rows_are_the_engines_ranges(row: Limit) -> None:
+    for value in inside(row):
+        assert engine_accepts(row.param, value, row) and row.contains(value), (row.param, value)
+    if row.param != "seed":  # the engine takes any integer seed; the table caps it at the wire's 64 bits
+        for value in outside_engine(row):
+            assert not engine_accepts(row.param, value, row) and not row.contains(value), (row.param, value)
+
+
+def test_every_row_is_in_each_schema_and_reaches_the_engine() -> None:
+    """The request bodies, the wire and SamplingParams are all built from TABLE: a row is one edit."""
+    for row in TABLE:
+        assert (row.predict in Overrides.__struct_fields__) is (row.predict is not None), row
+        assert (row.v1 in Knobs.__struct_fields__) is (row.v1 is not None), row
+        assert row.param in Sampling.__struct_fields__, row
+    body = {"messages": [{"role": "user", "content": "q"}], "min_p": 0.5, "seed": 7, "presence_penalty": 0.25,
+            "temperature": 0.3, "ignore_eos": True, "min_tokens": 2, "max_tokens": 9}
+    sampling = decode(msgspec.json.encode(body), ChatRequest).sampling(9, None)
+    wired = msgspec.msgpack.decode(msgspec.msgpack.encode(sampling), type=Sampling)
+    params = SamplingParams(**engine_kwargs(SETTINGS, wired, 9, [], [151645]))
+    assert (params.min_p, params.seed, params.presence_penalty, params.temperature) == (0.5, 7, 0.25, 0.3)
+    assert (params.ignore_eos, params.min_tokens, params.max_tokens, list(params.stop_token_ids)) == (True, 2, 9, [])
+    left_out = SamplingParams(**engine_kwargs(SETTINGS, Sampling(), 9, [], [151645]))
+    assert (left_out.repetition_penalty, left_out.frequency_penalty) == (SETTINGS.repetition_penalty, SETTINGS.frequency_penalty)
+    assert (left_out.min_p, left_out.presence_penalty, left_out.seed) == (0.0, 0.0, None)  # the engine's defaults
+    predict = decode_predict(b'{"prompt": "q", "max_new_tokens": 5, "top_p": 0.5}').sampling()
+    assert (predict.max_tokens, predict.top_p, predict.stop, predict.min_p) == (5, 0.5, None, None)

@@ -181,7 +181,8 @@ def test_prompt_longer_than_the_context(client: openai.OpenAI, keyed: Service) -
 def test_predict_and_completions_give_the_same_text(keyed: Service, keyed_env: dict[str, str],
                                                    client: openai.OpenAI, tokenizer) -> None:  # noqa: ANN001
     """/predict (routing off) is /v1/completions of the chat-formatted prompt plus /predict's post-processing."""
-    from service.pipeline.prompting import PostProcessor, Router, stop_strings
+    from service.pipeline.prompting import PostProcessor, stop_strings
+    from service.pipeline.routing import Router
     from service.settings import Settings
 
     settings = Settings.from_environ(keyed_env)
@@ -266,7 +267,7 @@ def test_a_closed_stream_is_aborted_in_the_engine(keyed: Service) -> None:
     ("before <thi", "before <thi", None),
 ])
 def test_think_split_whole_and_streamed_agree(text: str, content: str, reasoning: str | None) -> None:
-    from service.pipeline.completion import ThinkSplitter, split_think
+    from service.pipeline.thinking import ThinkSplitter, split_think
 
     assert split_think(text) == (content, reasoning)
     for size in (1, 2, 3, 5):  # any cut of the stream joins to the same two texts

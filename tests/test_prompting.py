@@ -13,20 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from service.contract.sampling import Sampling
 from service.pipeline.prompting import (
     Formatter,
-    Overrides,
     Planner,
     PostProcessor,
-    Route,
-    Router,
-    budget,
     fast_chat,
     limit_sentences,
     stop_strings,
     strip_think,
     trim_examples,
 )
+from service.pipeline.routing import Route, Router, budget
 from service.settings import Settings
 
 SYSTEM = "你是一名CUDA与GPU并行编程助教，请用中文简洁作答。"
@@ -460,7 +458,7 @@ def test_plan_sampling_follows_changed_settings() -> None:
 
 
 def test_overrides_apply_to_every_question() -> None:
-    overrides = Overrides(max_new_tokens=33, temperature=0.6, top_k=40)
+    overrides = Sampling(max_tokens=33, temperature=0.6, top_k=40)
     plans = planner().plan([SHORT_Q, CODE_Q, LONG_Q, HARD_Q], overrides)
     assert {p.sampling["max_tokens"] for p in plans} == {33}
     assert {p.sampling["temperature"] for p in plans} == {0.6}

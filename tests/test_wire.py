@@ -78,3 +78,34 @@ def test_the_outbox_writes_a_rounds_frames_at_once_and_in_order() -> None:
     count, got = asyncio.run(main())
     assert count == 1
     assert [m.id for m in got[:-1]] == list(range(1000)) and isinstance(got[-1], wire.Stop)
+
+
+def test_settings_cross_the_wire_whole() -> None:
+    """The worker's Setup frame carries the API process's parsed settings: paths, tuples, layout and all."""
+    from service.settings import Settings
+
+    settings = Settings.from_environ({"SYSTEM_PROMPT_FILE": "/tmp/prompt.txt", "VLLM_CUDAGRAPH_CAPTURE_SIZES": "1,2,4",
+                                      "STOP_STRINGS": "<|im_end|>,\\n\\n", "ADMIN_TOKEN": "s3cret"})
+    back = Settings.from_wire(wire._decoder.decode(wire.frame(wire.Setup(settings.to_wire()))[4:]).settings)
+    assert back == settings and isinstance(back.system_prompt_file, Path) and back.layout == settings.layout
+    assert back.vllm_cudagraph_capture_sizes == (1, 2, 4) and back.admin_token == "s3cret"
+
+
+def test_the_worker_runs_on_the_api_process_settings_not_its_environment(demo_model: Path) -> None:
+    """A worker whose environment says otherwise (an invalid value, another backend) still runs on what the API
+    process parsed: it reads no settings of its own."""
+    import asyncio
+    import os
+
+    from service.pool.client import ProcessEngineClient, engine_environ
+    from service.settings import Settings
+
+    settings = Settings.from_environ({"MODEL_DIR": str(demo_model), "USE_VLLM": "false"})
+    environ = engine_environ({**os.environ, "USE_VLLM": "true", "MAX_MODEL_LEN": "abc"})
+    worker = ProcessEngineClient(settings, environ)
+    try:
+        worker.check()  # its Hello: the backend the API process's settings chose
+        assert worker.name == "transformers"
+    finally:
+        asyncio.run(worker.stop_worker())
+    assert worker._proc is not None and worker._proc.poll() is not None

@@ -12,8 +12,7 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
-from service.pipeline.completion import Sampling
-from service.pipeline.prompting import Overrides
+from service.contract.sampling import Sampling
 
 
 @dataclass(slots=True)
@@ -70,14 +69,26 @@ class Answers(Struct):
 
 
 # API -> worker
+class Setup(Struct, tag=True):
+    """The worker's first frame: the API process's parsed settings (``Settings.to_wire``), so that both processes
+    run on the same values, parsed and derived once (the worker reads no defaults and probes no hardware)."""
+
+    settings: bytes
+
+
 class Start(Struct, tag=True):
-    pass
+    """Load the engine (after the worker's Hello)."""
 
 
 class Ask(Struct, tag=True):
+    """A ``/predict`` call: the questions, the request's sampling values, and each question's route and budget
+    as the API process decided them (``service.pipeline.routing.route_all``)."""
+
     id: int
     questions: list[str]
-    overrides: Overrides
+    sampling: Sampling
+    routes: list[str]
+    budgets: list[int]
 
 
 class Generate(Struct, tag=True, kw_only=True):
@@ -90,7 +101,7 @@ class Generate(Struct, tag=True, kw_only=True):
     prompts: list[str | list[int]] = []
     messages: list[dict[str, str]] | None = None
     template_kwargs: dict[str, Any] | None = None
-    sampling: Sampling = Sampling()
+    sampling: Sampling = msgspec.field(default_factory=Sampling)
     stream: bool = False
     echo: bool = False
 
@@ -236,7 +247,7 @@ class Progress(Struct, tag=True):
     tokens: int
 
 
-Message = (Start | Ask | Generate | SetPrompt | Cancel | Stop | Hello | Failed | Ready | Answered | PromptSet | Dead
+Message = (Setup | Start | Ask | Generate | SetPrompt | Cancel | Stop | Hello | Failed | Ready | Answered | PromptSet | Dead
            | Error | Stats | Deltas | Generated | Invalid | Progress)
 _encoder = msgspec.msgpack.Encoder()
 _json_encoder = msgspec.json.Encoder()

@@ -19,13 +19,14 @@ from collections.abc import AsyncIterator
 from litestar import Litestar
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.contract.sampling import Sampling
 from service.http.console import extras
 from service.http.errors import exception_handlers
 from service.http.metrics import Metrics
 from service.http.progress import tracked
 from service.http.routes import QAState, routes
 from service.http.v1.routes import v1_router
-from service.pipeline.prompting import Overrides
+from service.pipeline.routing import Router
 from service.pipeline.warmup import load_questions
 from service.pool.client import EngineClient
 from service.pool.lifecycle import Pool
@@ -45,12 +46,12 @@ def create_app(settings: Settings, engine: EngineClient) -> Litestar:
             return
         for round_ in range(1, s.warmup_repeat + 1):
             started = time.perf_counter()
-            result = await engine.answer(questions, Overrides())
+            result = await engine.answer(questions, Sampling(), state.routed(questions, Sampling()))
             log.info("warmup %d/%d: %d questions, %d tokens in %.1f s", round_, s.warmup_repeat,
                      len(questions), result.tokens, time.perf_counter() - started)
 
     pool = Pool(settings, engine, warmup)
-    state = QAState(settings, engine, Metrics(lambda: engine.stats), pool)
+    state = QAState(settings, engine, Metrics(lambda: engine.stats), pool, Router.from_settings(settings))
     state.metrics.ready.set_function(lambda: 1.0 if pool.serving() else 0.0)
 
     @contextlib.asynccontextmanager

@@ -18,12 +18,10 @@ from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from env import SECRETS
-from service.contract.errors import EngineDead
 from service.http.errors import ClientError, json_response
 from service.http.progress import ProgressCollector, TrackedEngine
 from service.http.routes import QAState, _questions, unless_disconnected
 from service.http.schemas import decode_predict
-from service.pipeline.prompting import Router, budget
 from service.pool.vllm_metrics import VllmCollector
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -46,7 +44,6 @@ def extras(state: QAState) -> list[HTTPRouteHandler]:
     tracker.phase = lambda: "warmup" if pool.status == "warming" else "request"
     state.metrics.registry.register(ProgressCollector(tracker))
     state.metrics.registry.register(VllmCollector(pool.workers))
-    router = Router.from_settings(settings)
     page = (STATIC / "console.html").read_bytes()
     assets = {name: (STATIC / name).read_bytes() for name in ASSETS}
     sources = dict(settings.sources)
@@ -90,35 +87,32 @@ def extras(state: QAState) -> list[HTTPRouteHandler]:
         """A /predict body; answers with their route, tokens and time (each alone up to EACH_ALONE questions)."""
         req = decode_predict(await request.body(), engine.max_model_len)
         questions = _questions(req.prompt, settings.max_batch_questions)
-        if not pool.serving():
-            raise EngineDead("not ready: ask again when the status says ready")
-        overrides = req.overrides()
+        pool.require_serving()
+        sampling = req.sampling()
+        routed = state.routed(questions, sampling)
         started = time.perf_counter()
 
-        async def one(question: str) -> dict[str, Any]:
-            began = time.perf_counter()
-            result = await engine.tracker.run([question], lambda: engine.answer_untracked([question], overrides),
+        async def one(index: int) -> dict[str, Any]:
+            began, question, alone = time.perf_counter(), [questions[index]], routed.take([index])
+            result = await engine.tracker.run(question, lambda: engine.answer_untracked(question, sampling, alone),
                                               "console")
             return {"tokens": result.tokens, "seconds": round(time.perf_counter() - began, 3),
                     "answer": result.texts()[0], "error": result.errors[0][1] if result.errors else None}
 
         async def work() -> tuple[list[dict[str, Any]], int]:
             if len(questions) <= EACH_ALONE:
-                items = list(await asyncio.gather(*(one(q) for q in questions)))
+                items = list(await asyncio.gather(*(one(i) for i in range(len(questions)))))
                 return items, sum(i["tokens"] for i in items)
-            result = await engine.tracker.run(questions, lambda: engine.answer_untracked(questions, overrides),
+            result = await engine.tracker.run(questions, lambda: engine.answer_untracked(questions, sampling, routed),
                                               "console")
             errors = dict(result.errors)
             return [{"tokens": None, "seconds": None, "answer": text, "error": errors.get(i)}
                     for i, text in enumerate(result.texts())], result.tokens
 
         items, tokens = await unless_disconnected(request, work())
-        for question, item in zip(questions, items, strict=True):
-            route = None if settings.disable_token_routing else router.route(question)
-            item["question"] = question
-            item["route"] = str(route) if route is not None else "off (DISABLE_TOKEN_ROUTING=1)"
-            item["budget"] = req.max_new_tokens or (budget(settings, route) if route is not None
-                                                    else settings.max_new_tokens)
+        off = "off (DISABLE_TOKEN_ROUTING=1)"
+        for question, item, route, tokens in zip(questions, items, routed.routes, routed.budgets, strict=True):
+            item.update(question=question, route=off if settings.disable_token_routing else route, budget=tokens)
         return json_response({"answers": items, "questions": len(questions), "tokens": tokens,
                               "seconds": round(time.perf_counter() - started, 3)})
 

@@ -13,7 +13,8 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
-from service.contract.errors import EngineCallFailed, EngineDead, EngineRejected, EngineUnavailable
+from service.contract.errors import TABLE as ENGINE_ERRORS
+from service.contract.errors import mapped
 from service.http.schemas import Error, validation_field
 from service.settings import Settings
 
@@ -30,14 +31,12 @@ class ClientError(Exception):
 
 
 # (exception, status, kind): the most specific class that matches wins (Litestar looks along the MRO).
-# ClientError and HTTPException carry their own status; everything else unexpected is a 500.
+# ClientError and HTTPException carry their own status; the engine's exceptions are the contract's table;
+# everything else unexpected is a 500.
 TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (msgspec.ValidationError, 400, "validation_error"),
     (msgspec.DecodeError, 400, "malformed_json"),
-    (EngineDead, 503, "unavailable"),  # the engine (or the worker that answers) is gone or restarting
-    (EngineUnavailable, 503, "unavailable"),
-    (EngineRejected, 400, "invalid_request"),  # refused by the worker before any work (a prompt too long)
-    (EngineCallFailed, 500, "engine_error"),  # the call raised in the worker; the engine keeps serving
+    *((row.exc, row.status, row.kind) for row in ENGINE_ERRORS),
     (Exception, 500, "internal_error"),
 )
 HTTP_KINDS = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
@@ -57,12 +56,8 @@ def _detail(exc: Exception, settings: Settings) -> tuple[str, str | None]:
         return str(exc), validation_field(str(exc))
     if isinstance(exc, msgspec.DecodeError):
         return f"the body is not valid JSON: {exc}", None
-    if isinstance(exc, EngineCallFailed):
-        return f"{exc} (the engine worker's log has the traceback; other requests are not affected)", None
-    if isinstance(exc, EngineDead | EngineUnavailable):
-        return str(exc), None
-    if isinstance(exc, EngineRejected):
-        return str(exc), exc.param
+    if (row := mapped(exc)) is not None:
+        return f"{exc}{row.hint}", getattr(exc, "param", None)
     return f"{type(exc).__name__}: {exc} (see the server log)", None
 
 

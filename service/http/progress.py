@@ -22,7 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service.contract import wire
-from service.pipeline.prompting import Overrides
+from service.contract.sampling import Sampling
+from service.pipeline.routing import Routed
 from service.pool.progress import REQUEST, RequestProgress
 
 log = logging.getLogger("service")
@@ -152,12 +153,12 @@ class TrackedEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
-        return await self.tracker.run(questions, lambda: self._engine.answer(questions, overrides))
+    async def answer(self, questions: list[str], sampling: Sampling, routed: Routed) -> wire.Answers:
+        return await self.tracker.run(questions, lambda: self._engine.answer(questions, sampling, routed))
 
-    async def answer_untracked(self, questions: list[str], overrides: Overrides) -> wire.Answers:
+    async def answer_untracked(self, questions: list[str], sampling: Sampling, routed: Routed) -> wire.Answers:
         """The client's own ``answer`` (inside a call the caller tracks itself)."""
-        return await self._engine.answer(questions, overrides)
+        return await self._engine.answer(questions, sampling, routed)
 
 
 def tracked(engine: Any) -> TrackedEngine:

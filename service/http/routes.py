@@ -16,11 +16,12 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
-from service.contract.errors import EngineDead
+from service.contract.sampling import Sampling
 from service.http.errors import ClientError, error_response, json_response
 from service.http.metrics import CONTENT_TYPE, Metrics
 from service.http.schemas import ItemError, PredictResponse, SystemPrompt, decode_predict, decode_system_prompt
 from service.logs import timing_level
+from service.pipeline.routing import Routed, Router, route_all
 from service.pool.client import EngineClient
 from service.pool.lifecycle import Pool
 from service.settings import Settings
@@ -38,6 +39,11 @@ class QAState:
     engine: EngineClient
     metrics: Metrics
     pool: Pool
+    router: Router
+
+    def routed(self, questions: list[str], sampling: Sampling) -> Routed:
+        """Each question's route and budget, decided here once for the whole call (the workers follow them)."""
+        return route_all(self.settings, self.router, questions, sampling.max_tokens)
 
 
 class ClientGone(Exception):
@@ -116,15 +122,11 @@ def routes(state: QAState) -> list[HTTPRouteHandler]:
             raise ClientError(400, "empty_body", 'the body is empty: send {"prompt": "question"} or a list')
         req = decode_predict(body, engine.max_model_len)  # the engine's ranges, max_new_tokens < context
         questions = _questions(req.prompt, settings.max_batch_questions)
-        if not pool.serving():
-            _, health_body = pool.health()
-            raise EngineDead(f"not ready ({health_body['status']}"
-                             f"{': ' + health_body['detail'] if 'detail' in health_body else ''}): "
-                             "retry when GET / says ready")
-        overrides = req.overrides()
+        pool.require_serving()
+        sampling = req.sampling()
         started = time.perf_counter()
         try:
-            result = await unless_disconnected(request, engine.answer(questions, overrides))
+            result = await unless_disconnected(request, engine.answer(questions, sampling, state.routed(questions, sampling)))
         except ClientGone:
             log.warning("/predict: the client went away after %.1f s; its %d questions were cancelled",
                         time.perf_counter() - started, len(questions))
@@ -188,8 +190,7 @@ def routes(state: QAState) -> list[HTTPRouteHandler]:
             raise ClientError(403, "forbidden",
                               "writing the system prompt is allowed from loopback only while ADMIN_TOKEN is unset")
         new = decode_system_prompt(await request.body())
-        if not pool.serving():
-            raise EngineDead("not ready: the system prompt can be replaced once the engine is up")
+        pool.require_serving()
         await engine.set_system_prompt(new.system_prompt)
         log.info("system prompt replaced (%d characters)", len(new.system_prompt))
         return json_response(SystemPrompt(engine.system_prompt))

@@ -8,8 +8,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-from service.contract.sampling import LIMITS, problems
-from service.pipeline.prompting import Overrides
+from service.contract.sampling import LIMITS, Overrides, Sampling, problems, sampling_from
 
 
 class PredictRequest(Overrides, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -21,9 +20,9 @@ class PredictRequest(Overrides, forbid_unknown_fields=True, frozen=True, kw_only
 
     prompt: str | list[str]
 
-    def overrides(self) -> Overrides:
-        """The decoding overrides of this request, without the questions."""
-        return Overrides(**{name: getattr(self, name) for name in Overrides.__struct_fields__})
+    def sampling(self) -> Sampling:
+        """The sampling values of this request, as the wire carries them (None: the setting's, or the route's)."""
+        return sampling_from(self, lambda row: row.predict)
 
 
 class ItemError(Struct):

@@ -6,6 +6,7 @@ routed tokens), and the whole batch waited for it.  So each question's work is p
 API process knows without a tokenizer (its routed token budget, and its length for the prefill), the
 questions are sorted by it, and dealt out like cards, back and forth (1..N, N..1, ...): every engine gets
 the same number of questions of each budget, within one, and the same total within one question's work.
+The budgets are the request's own (``service.pipeline.routing.route_all``, decided once and sent with each shard).
 Each shard keeps that order, so an engine admits its longest questions first and its short ones fill in
 around them.  Answers are put back in the request's order by index (``merge_arrays``).
 
@@ -18,8 +19,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from service.pipeline.prompting import Overrides, Router, budget
-from service.settings import Settings
+from service.pipeline.routing import Routed
 
 # Prompt characters worth one generated token of work: a decode step costs every running sequence about
 # the same CPU time in the scheduler, while prefill tokens go through in large batches. Only breaks ties.
@@ -29,13 +29,9 @@ _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 _encoder = msgspec.json.Encoder()
 
 
-def predicted_work(questions: Sequence[str], settings: Settings, overrides: Overrides) -> list[int]:
-    """Each question's predicted work: its answer budget (routed, or the override) plus prompt length."""
-    if overrides.max_new_tokens is not None or settings.disable_token_routing:
-        fixed = overrides.max_new_tokens or settings.max_new_tokens
-        return [fixed + len(q) // CHARS_PER_WORK for q in questions]
-    router = Router.from_settings(settings)
-    return [budget(settings, router.route(q)) + len(q) // CHARS_PER_WORK for q in questions]
+def predicted_work(questions: Sequence[str], routed: Routed) -> list[int]:
+    """Each question's predicted work: its answer budget plus its prompt length."""
+    return [tokens + len(q) // CHARS_PER_WORK for q, tokens in zip(questions, routed.budgets, strict=True)]
 
 
 def deal(work: Sequence[int], parts: int) -> list[list[int]]:
@@ -48,9 +44,9 @@ def deal(work: Sequence[int], parts: int) -> list[list[int]]:
     return [shard for shard in shards if shard]
 
 
-def plan_shards(questions: Sequence[str], settings: Settings, overrides: Overrides, parts: int) -> list[list[int]]:
+def plan_shards(questions: Sequence[str], routed: Routed, parts: int) -> list[list[int]]:
     """The shards of one request over ``parts`` engines (see the module's docstring)."""
-    return deal(predicted_work(questions, settings, overrides), parts)
+    return deal(predicted_work(questions, routed), parts)
 
 
 def merge_arrays(shards: Sequence[Sequence[int]], arrays: Sequence[bytes], count: int) -> bytes:

@@ -1,4 +1,4 @@
-"""Prompt formatting, token routing, sampling parameters and answer post-processing (SPEC section 3).
+"""Prompt formatting, sampling parameters and answer post-processing (SPEC section 3); routing: ``routing``.
 
 Pure Python, no engine or web imports: the service and the measurement tools (`inv bench`,
 `inv eval`) share this module so that both send exactly the same prompts and parameters.
@@ -8,75 +8,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Protocol
 
-import msgspec
-
+from service.contract.sampling import Sampling, resolved
+from service.pipeline.routing import Routed, Router, is_short_answer, route_all
 from service.settings import Settings
-
-HARD_CODE_SIGNALS = ("kernel<<<", "global void", "__global__", "#include")
-LONG_ANSWER_SIGNALS = ("算子", "spmv", "convnets", "im2col", "gemm", "tensor cores", "triton", "tilelang")
-CODE_SIGNALS = ("代码", "伪代码", "核心代码", "代码片段", "import ", "def ", *HARD_CODE_SIGNALS)
 
 _EXAMPLE = re.compile(r"(举例来说|举例|例如|比如)\s*[:：]")
 _SENTENCE = re.compile(r"[^。！？；\n]*(?:[。！？；\n]|$)")
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-
-
-class Route(StrEnum):
-    """Where token routing sends a question (its answer budget and post-processing)."""
-
-    SHORT = "short"
-    CODE = "code"
-    LONG = "long"
-    HARD = "hard"
-
-
-def _unique(keywords: tuple[str, ...]) -> tuple[str, ...]:
-    """Lower-cased keywords without repeats (a keyword listed twice still counts once)."""
-    return tuple(dict.fromkeys(k.lower() for k in keywords if k))
-
-
-def _hits(text: str, keywords: tuple[str, ...]) -> int:
-    """How many of ``keywords`` occur in ``text`` (``text`` already lower-case), each counted once."""
-    return sum(1 for k in keywords if k and k.lower() in text)
-
-
-@dataclass(frozen=True, slots=True)
-class Router:
-    """Classifies questions; built once from the settings."""
-
-    hard: tuple[str, ...]
-    long: tuple[str, ...]
-    code: tuple[str, ...]
-    hard_min: int
-    long_min: int
-
-    @classmethod
-    def from_settings(cls, s: Settings) -> Router:
-        long = (LONG_ANSWER_SIGNALS if s.long_answer_enable_default else ()) + s.long_answer_keywords
-        hard = HARD_CODE_SIGNALS + s.hard_code_question_keywords
-        return cls(
-            hard=_unique(hard),
-            long=_unique(long),
-            code=_unique(CODE_SIGNALS + s.code_question_keywords + s.hard_code_question_keywords),
-            hard_min=s.hard_code_min_hits,
-            long_min=s.long_answer_min_hits,
-        )
-
-    def route(self, question: str) -> Route:
-        text = question.lower()
-        if _hits(text, self.hard) >= self.hard_min:
-            return Route.HARD
-        if self.long and _hits(text, self.long) >= self.long_min:
-            return Route.LONG
-        if _hits(text, self.code) >= 1:
-            return Route.CODE
-        return Route.SHORT
-
-    def is_code(self, question: str) -> bool:
-        return _hits(question.lower(), self.code) >= 1
 
 
 class ChatTemplate(Protocol):
@@ -117,21 +57,6 @@ class Formatter:
         return [self._template(q) for q in questions]
 
 
-class Overrides(msgspec.Struct, frozen=True, kw_only=True):
-    """Per-request overrides of the decoding settings (None: the setting's value).
-
-    Named once: ``/predict``'s body schema extends it (``service.http.schemas.PredictRequest``), and the
-    wire's ``Ask`` message carries it as it is, so a field is added here and nowhere else.
-    """
-
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
-
-
 def stop_strings(s: Settings) -> list[str]:
     """STOP_STRINGS, with a blank line first when STOP_ON_DOUBLE_NEWLINE=1."""
     stops = list(s.stop_strings)
@@ -140,37 +65,22 @@ def stop_strings(s: Settings) -> list[str]:
     return stops
 
 
-def budget(s: Settings, route: Route) -> int:
-    """Answer budget (max new tokens) of a route; MAX_NEW_TOKENS for everything when routing is off."""
-    if s.disable_token_routing:
-        return s.max_new_tokens
+def engine_kwargs(s: Settings, p: Sampling, max_tokens: int, stop: list[str], stop_ids: list[int],
+                  detokenize: bool = True) -> dict[str, Any]:
+    """Keyword arguments for vLLM's ``SamplingParams`` of one call (also read by the transformers backend).
+
+    Every row of the sampling table (``service.contract.sampling``) takes the call's value, else its setting's,
+    else the engine's default; ``max_tokens`` (the route's budget, or the fitted /v1 one) and ``stop`` are the
+    caller's.  The end-of-turn tokens stop generation unless the call asks to ``ignore_eos``.
+    """
     return {
-        Route.HARD: s.max_new_tokens_code_hard,
-        Route.LONG: s.max_new_tokens_code,
-        Route.CODE: s.max_new_tokens_code_soft,
-        Route.SHORT: s.max_new_tokens,
-    }[route]
-
-
-def is_short_answer(s: Settings, route: Route) -> bool:
-    """Short-answer questions get post-processing: all of them when routing is off."""
-    return s.disable_token_routing or route is Route.SHORT
-
-
-def sampling_kwargs(s: Settings, o: Overrides, max_tokens: int, stop: list[str], stop_ids: list[int],
-                    detokenize: bool = True) -> dict[str, Any]:
-    """Keyword arguments for vLLM's ``SamplingParams`` (also read by the transformers backend)."""
-    return {
-        "detokenize": detokenize,
-        "max_tokens": o.max_new_tokens if o.max_new_tokens is not None else max_tokens,
-        "temperature": s.temperature if o.temperature is None else o.temperature,
-        "top_p": s.top_p if o.top_p is None else o.top_p,
-        "top_k": s.top_k if o.top_k is None else o.top_k,
-        "repetition_penalty": s.repetition_penalty if o.repetition_penalty is None else o.repetition_penalty,
-        "frequency_penalty": s.frequency_penalty if o.frequency_penalty is None else o.frequency_penalty,
+        **resolved(p, s),
+        "max_tokens": max_tokens,
         "stop": stop,
-        "stop_token_ids": stop_ids,
-        "seed": None,
+        "stop_token_ids": [] if p.ignore_eos else stop_ids,
+        "detokenize": detokenize,
+        "logprobs": p.logprobs,
+        "prompt_logprobs": p.prompt_logprobs,
     }
 
 
@@ -245,7 +155,7 @@ class Plan:
     """What the engine gets for one question: the formatted prompt, its route and sampling kwargs."""
 
     prompt: str
-    route: Route
+    route: str
     short: bool
     sampling: dict[str, Any]
 
@@ -267,17 +177,19 @@ class Planner:
         if not self.detokenize:
             self.stop = []
 
-    def plan(self, questions: list[str], overrides: Overrides | None = None) -> list[Plan]:
+    def plan(self, questions: list[str], sampling: Sampling | None = None, routed: Routed | None = None) -> list[Plan]:
+        """Each question's engine input; ``routed``: the routes and budgets the API process decided (else here)."""
         s = self.settings
-        overrides = overrides or Overrides()
+        sampling = sampling or Sampling()
+        if routed is None:
+            routed = route_all(s, self.router, questions, sampling.max_tokens)
         prompts = self.formatter.many(questions)
         cache: dict[int, dict[str, Any]] = {}
         plans = []
-        for question, prompt in zip(questions, prompts, strict=True):
-            route = self.router.route(question)
-            tokens = budget(s, route)
-            sampling = cache.get(tokens)
-            if sampling is None:
-                sampling = cache[tokens] = sampling_kwargs(s, overrides, tokens, self.stop, self.stop_ids, self.detokenize)
-            plans.append(Plan(prompt, route, is_short_answer(s, route), sampling))
+        stop = self.stop if sampling.stop is None else sampling.stop
+        for prompt, route, tokens in zip(prompts, routed.routes, routed.budgets, strict=True):
+            kwargs = cache.get(tokens)
+            if kwargs is None:
+                kwargs = cache[tokens] = engine_kwargs(s, sampling, tokens, stop, self.stop_ids, self.detokenize)
+            plans.append(Plan(prompt, route, is_short_answer(s, route), kwargs))
         return plans

@@ -1,85 +1,12 @@
-"""The OpenAI-compatible API's side of the pipeline: sampling parameters, prompts, reasoning text.
+"""Reasoning text of the OpenAI-compatible API: ``<think>…</think>`` split from the content, whole or streamed.
 
-Pure Python, no engine or web imports.  ``/v1/completions`` and ``/v1/chat/completions`` give the engine's raw
-text: no token routing and no answer post-processing (those are ``/predict``'s).  A parameter a request leaves
-out takes the same setting ``/predict`` uses (MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K, REPETITION_PENALTY,
-FREQUENCY_PENALTY); the settings' STOP_STRINGS are ``/predict``'s answer-format rule and are not applied
-(``stop`` is the request's own).  Generation ends at the tokenizer's end-of-turn tokens unless ``ignore_eos``.
+Pure Python, no engine or web imports.  ``/v1`` gives the engine's raw text (no token routing, no answer
+post-processing: those are ``/predict``'s); this only separates the reasoning for chat responses.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import msgspec
-
-from service.settings import Settings
-
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-class Knobs(msgspec.Struct, frozen=True, kw_only=True):
-    """The sampling values a ``/v1`` request sets as they are (None: the setting's value, or the engine's default).
-
-    Named once: the request bodies (``service.http.v1.schemas``) extend it, and ``Sampling`` adds what the
-    route derives (the budget, the stop list, the log-probability counts).
-    """
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-
-    def knobs(self) -> dict[str, Any]:
-        """These fields' values, by name."""
-        return {name: getattr(self, name) for name in Knobs.__struct_fields__}
-
-
-class Sampling(Knobs, frozen=True, kw_only=True):
-    """What one ``/v1`` call asks of the engine, as the wire carries it."""
-
-    max_tokens: int | None = None
-    stop: list[str] = []
-    logprobs: int | None = None  # top-N log probabilities of every generated token (0: the sampled one only)
-    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions with ``echo``)
-
-
-def sampling_kwargs(s: Settings, p: Sampling, max_tokens: int, stop_ids: list[int]) -> dict[str, Any]:
-    """Keyword arguments for vLLM's ``SamplingParams`` of one ``/v1`` request (``max_tokens`` already fitted)."""
-    return {
-        "max_tokens": max_tokens,
-        "temperature": s.temperature if p.temperature is None else p.temperature,
-        "top_p": s.top_p if p.top_p is None else p.top_p,
-        "top_k": s.top_k if p.top_k is None else p.top_k,
-        "min_p": 0.0 if p.min_p is None else p.min_p,
-        "presence_penalty": 0.0 if p.presence_penalty is None else p.presence_penalty,
-        "frequency_penalty": s.frequency_penalty if p.frequency_penalty is None else p.frequency_penalty,
-        "repetition_penalty": s.repetition_penalty if p.repetition_penalty is None else p.repetition_penalty,
-        "stop": list(p.stop),
-        "stop_token_ids": [] if p.ignore_eos else stop_ids,
-        "ignore_eos": p.ignore_eos,
-        "min_tokens": p.min_tokens,
-        "seed": p.seed,
-        "logprobs": p.logprobs,
-        "prompt_logprobs": p.prompt_logprobs,
-    }
-
-
-def fit_max_tokens(requested: int | None, default: int, prompt_tokens: int, max_model_len: int) -> int | None:
-    """The answer budget of one prompt: ``requested``, or ``default`` cut to the room the context leaves.
-
-    None when a requested budget does not fit beside the prompt (the request is refused, naming max_tokens).
-    """
-    room = max_model_len - prompt_tokens
-    if requested is not None:
-        return requested if requested <= room else None
-    return max(1, min(default, room))
 
 
 def split_think(text: str) -> tuple[str, str | None]:

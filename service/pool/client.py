@@ -28,9 +28,10 @@ import msgspec
 
 from service import procs
 from service.contract import wire
-from service.contract.errors import EngineCallFailed, EngineDead, EngineRejected, EngineUnavailable
+from service.contract.errors import EngineDead, EngineUnavailable, raised_by
+from service.contract.sampling import Sampling
 from service.contract.wire import EngineStats
-from service.pipeline.prompting import Overrides
+from service.pipeline.routing import Routed
 from service.pool import progress
 from service.settings import Settings
 
@@ -61,8 +62,10 @@ class EngineClient(Protocol):
     def alive(self) -> str | None:
         """None when healthy, else why not."""
 
-    async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
-        """One answer per question, in order; per-item errors inside; EngineDead when nothing can be answered."""
+    async def answer(self, questions: list[str], sampling: Sampling, routed: Routed) -> wire.Answers:
+        """One answer per question, in order; per-item errors inside; EngineDead when nothing can be answered.
+
+        ``routed``: each question's route and budget, decided once (``service.pipeline.routing.route_all``)."""
 
     async def generate(self, make: Callable[[int], wire.Generate],
                        on_pieces: Callable[[list[wire.Piece]], None] | None = None) -> wire.Generated:
@@ -146,6 +149,7 @@ class ProcessEngineClient:
         )
         child.close()
         self._sock = parent
+        wire.send_sync(parent, wire.Setup(self.settings.to_wire()))  # the worker parses no settings of its own
 
     def check(self) -> None:
         """Start the worker if needed and wait for it to import the backend (its Hello or its Failure)."""
@@ -287,22 +291,19 @@ class ProcessEngineClient:
             raise EngineDead(f"the {self.label} cannot be reached: {exc}") from None
         finally:
             self._listeners.pop(id_, None)
-        if isinstance(reply, wire.Invalid):
-            raise EngineRejected(reply.message, reply.param, reply.code)
-        if isinstance(reply, wire.Dead):
-            self._died(reply.message)  # the worker's engine is gone (the worker exits): no later call may go there
-            raise EngineDead(reply.message)
-        if isinstance(reply, wire.Error):
-            raise EngineCallFailed(reply.message, reply.kind)
-        return reply
+        if (error := raised_by(reply)) is None:
+            return reply
+        if isinstance(error, EngineDead):
+            self._died(str(error))  # the worker's engine is gone (the worker exits): no later call may go there
+        raise error
 
-    async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
+    async def answer(self, questions: list[str], sampling: Sampling, routed: Routed) -> wire.Answers:
         part = progress.share(self.label, len(questions))  # None outside a tracked request
 
         def ask(id_: int) -> wire.Ask:
             if part is not None:
                 part.call, self._shares[id_] = id_, part
-            return wire.Ask(id_, questions, overrides)
+            return wire.Ask(id_, questions, sampling, routed.routes, routed.budgets)
 
         try:
             reply = await self._call(ask)
@@ -370,7 +371,8 @@ class ProcessEngineClient:
 
 
 def engine_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """The worker's environment: this one (its settings are built from it, so both sides agree)."""
+    """The worker's environment: this one, for what the engine and its libraries read themselves (CUDA, OpenMP,
+    caches); the service's own settings reach the worker parsed, in its Setup frame."""
     return {**environ, "PYTHONPATH": os.pathsep.join(filter(None, [_root(), environ.get("PYTHONPATH", "")]))}
 
 

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
+from service.contract.errors import EngineDead
 from service.pool.incidents import Incidents
 from service.procs import assert_tree_gone, freeze_heap
 from service.settings import Settings
@@ -85,6 +86,14 @@ class Pool:
     def serving(self) -> bool:
         """Whether a request can be answered now (ready, and at least one worker up)."""
         return self.status == "ready" and any(w.up for w in self.workers)
+
+    def require_serving(self) -> None:
+        """The one readiness check of every route that needs the engine: EngineDead (HTTP 503) saying why not."""
+        if self.serving():
+            return
+        _, body = self.health()
+        detail = f": {body['detail']}" if "detail" in body else ""
+        raise EngineDead(f"not ready ({body['status']}{detail}): retry when GET / says ready")
 
     def degraded(self) -> str | None:
         """``"1 of 2 engine workers restarting"`` while some (not all) workers are down."""

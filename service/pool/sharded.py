@@ -8,9 +8,10 @@ from collections.abc import Callable, Mapping
 
 from service.contract import wire
 from service.contract.errors import EngineCallFailed, EngineDead
+from service.contract.sampling import Sampling
 from service.contract.wire import EngineStats
 from service.pipeline.balance import merge_arrays, plan_shards
-from service.pipeline.prompting import Overrides
+from service.pipeline.routing import Routed
 from service.pool import vllm_metrics
 from service.pool.client import ProcessEngineClient, engine_environ
 from service.settings import Settings
@@ -99,7 +100,7 @@ class ShardedEngineClient:
             raise EngineDead(self.alive() or "no engine worker is up")
         return up
 
-    async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
+    async def answer(self, questions: list[str], sampling: Sampling, routed: Routed) -> wire.Answers:
         """Over the workers that are up; a shard whose worker fails becomes item errors naming its indices.
 
         Cancelling the caller cancels every shard's call (each worker aborts its questions).  Only when every
@@ -108,10 +109,10 @@ class ShardedEngineClient:
         up = self._up()
         if len(questions) == 1 or len(up) == 1:
             worker = min(up, key=lambda w: w.pending())
-            return await worker.answer(questions, overrides)
-        shards = plan_shards(questions, self.workers[0].settings, overrides, len(up))
+            return await worker.answer(questions, sampling, routed)
+        shards = plan_shards(questions, routed, len(up))
         workers = up[:len(shards)]
-        parts = await asyncio.gather(*(w.answer([questions[i] for i in shard], overrides)
+        parts = await asyncio.gather(*(w.answer([questions[i] for i in shard], sampling, routed.take(shard))
                                        for w, shard in zip(workers, shards, strict=True)), return_exceptions=True)
         failed = [p for p in parts if isinstance(p, BaseException)]
         if len(failed) == len(parts):

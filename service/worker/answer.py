@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
+from service.contract.sampling import Sampling
 from service.contract.wire import Answers
 from service.logs import timing_level
-from service.pipeline.prompting import Formatter, Overrides, Planner
+from service.pipeline.prompting import Formatter, Planner
+from service.pipeline.routing import Routed
 from service.settings import Settings
 from service.worker.backends.base import Engine, Item
 
@@ -36,10 +38,10 @@ class Answerer:
     def set_system_prompt(self, text: str) -> None:
         self.planner = self._planner(text)
 
-    async def answer(self, questions: list[str], overrides: Overrides | None = None) -> Answers:
+    async def answer(self, questions: list[str], sampling: Sampling | None = None, routed: Routed | None = None) -> Answers:
         planner = self.planner
         started = time.perf_counter()
-        plans = planner.plan(questions, overrides or Overrides())
+        plans = planner.plan(questions, sampling, routed)
         planned = time.perf_counter()
         outcomes = await self.engine.generate([Item(p.prompt, p.sampling) for p in plans])
         generated = time.perf_counter()

@@ -13,7 +13,7 @@ from typing import Any
 
 from service.contract.errors import EngineRejected
 from service.contract.wire import Generate, Generated, Piece, TokenLogprob
-from service.pipeline.completion import fit_max_tokens, sampling_kwargs
+from service.pipeline.prompting import engine_kwargs
 from service.settings import Settings
 from service.worker.backends.base import Engine
 from service.worker.backends.tokens import encode_prompts, stop_token_ids
@@ -71,8 +71,8 @@ class Completer:
         async def one(index: int) -> Piece:
             kwargs = cache.get(budgets[index])
             if kwargs is None:
-                kwargs = cache[budgets[index]] = sampling_kwargs(self.settings, call.sampling, budgets[index],
-                                                                 self.stop_ids)
+                kwargs = cache[budgets[index]] = engine_kwargs(self.settings, call.sampling, budgets[index],
+                                                               list(call.sampling.stop or []), self.stop_ids)
             parts: list[str] = []
             logprobs: list[TokenLogprob] | None = [] if call.sampling.logprobs is not None else None
             tokens, finish = 0, None
@@ -122,3 +122,14 @@ class Completer:
 def _text(tokenizer: Any, token_id: int, logprob: Any) -> str:
     decoded = getattr(logprob, "decoded_token", None)
     return decoded if decoded is not None else tokenizer.decode([token_id])
+
+
+def fit_max_tokens(requested: int | None, default: int, prompt_tokens: int, max_model_len: int) -> int | None:
+    """The answer budget of one prompt: ``requested``, or ``default`` cut to the room the context leaves.
+
+    None when a requested budget does not fit beside the prompt (the request is refused, naming max_tokens).
+    """
+    room = max_model_len - prompt_tokens
+    if requested is not None:
+        return requested if requested <= room else None
+    return max(1, min(default, room))

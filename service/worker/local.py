@@ -7,7 +7,7 @@ from typing import Any
 from service.contract import wire
 from service.contract.errors import EngineDead, EngineRejected
 from service.contract.wire import EngineStats
-from service.pipeline.prompting import Overrides
+from service.pipeline.routing import Routed
 from service.settings import Settings
 from service.worker.backends.base import Engine
 
@@ -62,10 +62,11 @@ class LocalEngineClient:
     def alive(self) -> str | None:
         return self.engine.alive()
 
-    async def answer(self, questions: list[str], overrides: Overrides) -> wire.Answers:
+    async def answer(self, call: wire.Ask) -> wire.Answers:
+        """A ``/predict`` call, routed as the API process decided."""
         if self.answerer is None:
             raise EngineDead("the engine is not started")
-        return await self.answerer.answer(questions, overrides)
+        return await self.answerer.answer(call.questions, call.sampling, Routed(call.routes, call.budgets))
 
     async def complete(self, call: wire.Generate, emit: Any) -> wire.Generated:
         """A ``/v1`` call: raw generation (``service.worker.completer``); ``emit`` gets streamed pieces."""

@@ -1,8 +1,8 @@
 """``python -m service.worker FD``: the engine worker, hosting a ``LocalEngineClient``.
 
 Started by ``ProcessEngineClient`` with one end of a socket pair, in a session of its own (its process
-group is its pid, and vLLM's processes join it).  It builds the settings from its environment (the API
-process's), imports the backend and says Hello (or Failed), then on Start loads the engine and answers
+group is its pid, and vLLM's processes join it).  Its first frame (Setup) carries the API process's parsed
+settings; it imports the backend and says Hello (or Failed), then on Start loads the engine and answers
 Ask/SetPrompt messages concurrently until Stop or until the API process goes away; either way the engine
 and its processes are shut down before it exits.  Every call ends with its result or an error frame
 (Dead: the engine is gone; Error: the call raised, its traceback logged here once); a Cancel stops a call
@@ -22,11 +22,13 @@ import signal
 import socket
 import sys
 
+import msgspec
+
 from service.contract import wire
-from service.contract.errors import EngineDead, EngineRejected, EngineUnavailable
+from service.contract.errors import EngineDead, EngineRejected, EngineUnavailable, reply_for
 from service.logs import configure_logging
 from service.procs import become_subreaper, freeze_heap, reap_children
-from service.settings import Settings, SettingsError
+from service.settings import Settings
 from service.worker import progress
 from service.worker.backends import build_engine
 from service.worker.faults import NO_FAULTS, Faults
@@ -83,7 +85,7 @@ async def _handle(client: LocalEngineClient, message: wire.Ask | wire.Generate |
         if isinstance(message, wire.Ask):
             progress.begin(message.id, len(message.questions))
             await faults.apply(message.id, message.questions)
-            answers = await client.answer(message.questions, message.overrides)
+            answers = await client.answer(message)
             reply = wire.Answered(message.id, answers)
             await faults.answered(message.questions, dead)
         elif isinstance(message, wire.Generate):
@@ -99,13 +101,10 @@ async def _handle(client: LocalEngineClient, message: wire.Ask | wire.Generate |
         body = wire.frame(reply)
     except asyncio.CancelledError:
         raise
-    except EngineDead as exc:
-        body = wire.frame(wire.Dead(message.id, str(exc)))
-    except EngineRejected as exc:  # refused before any work: the client's to fix (HTTP 400)
-        body = wire.frame(wire.Invalid(message.id, str(exc), exc.param, exc.code))
-    except Exception as exc:  # every call ends: its caller gets the error, the traceback stays here
-        log.exception("call %d (%s) failed", message.id, type(message).__name__)
-        body = wire.frame(wire.Error(message.id, f"{type(exc).__name__}: {exc}", type(exc).__name__))
+    except Exception as exc:  # every call ends: its caller gets the error (contract.errors), the traceback stays here
+        if not isinstance(exc, EngineDead | EngineRejected):  # the engine is gone / refused before any work
+            log.exception("call %d (%s) failed", message.id, type(message).__name__)
+        body = wire.frame(reply_for(message.id, exc))
     outbox.put(body)
     with contextlib.suppress(ConnectionError, RuntimeError):  # the API process may be gone
         await outbox.writer.drain()
@@ -200,9 +199,13 @@ def main(argv: list[str]) -> int:
     become_subreaper()  # a VLLM::Worker whose EngineCore died is re-parented here, and reaped at shutdown
     sock = socket.socket(fileno=int(argv[0]))
     try:
-        settings = Settings.from_environ(os.environ)
-    except SettingsError as exc:
-        wire.send_sync(sock, wire.Failed(str(exc), 2))
+        setup = wire.recv_sync(sock)
+        if not isinstance(setup, wire.Setup):
+            raise TypeError(f"the first frame is {type(setup).__name__}, not Setup")
+        settings = Settings.from_wire(setup.settings)
+    except (OSError, EOFError, TypeError, msgspec.DecodeError) as exc:  # an API process of another version, or gone
+        with contextlib.suppress(OSError):
+            wire.send_sync(sock, wire.Failed(f"the engine worker got no settings: {exc}", 2))
         return 2
     configure_logging(settings.log_level)
     _hide_own_vllm_variables()

@@ -2,7 +2,7 @@
 
 One ``Shape`` per endpoint turns the worker's pieces (``wire.Piece``) into ``choices``; the rest (ids, usage,
 the server-sent events and ``data: [DONE]``) is common.  Chat text is split into ``content`` and
-``reasoning_content`` at ``<think>`` tags (``service.pipeline.completion.split_think``).
+``reasoning_content`` at ``<think>`` tags (``service.pipeline.thinking.split_think``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import msgspec
 
 from service.contract.wire import Generated, Piece, TokenLogprob
 from service.http.v1.schemas import finite
-from service.pipeline.completion import ThinkSplitter, split_think
+from service.pipeline.thinking import ThinkSplitter, split_think
 
 _json = msgspec.json.Encoder()
 

@@ -25,7 +25,8 @@ from litestar.handlers import BaseRouteHandler
 from litestar.response import Stream
 
 from service.contract import wire
-from service.contract.errors import EngineCallFailed, EngineDead, EngineRejected, EngineUnavailable
+from service.contract.errors import TABLE as ENGINE_ERRORS
+from service.contract.errors import mapped
 from service.http.errors import JSON, TABLE
 from service.http.routes import CLIENT_CLOSED, ClientGone, QAState, unless_disconnected
 from service.http.v1.render import DONE, ChatShape, CompletionShape, Shape, sse
@@ -40,12 +41,9 @@ def to_v1_error(exc: Exception, settings_max_body: int = 0) -> V1Error:
     """The one table from an exception to OpenAI's error shape and status."""
     if isinstance(exc, V1Error):
         return exc
-    if isinstance(exc, EngineRejected):
-        return bad(exc.param, str(exc), exc.code)
-    if isinstance(exc, EngineDead | EngineUnavailable):
-        return V1Error(503, str(exc), "server_error", None, "engine_unavailable")
-    if isinstance(exc, EngineCallFailed):
-        return V1Error(500, f"{exc} (the engine worker's log has the traceback)", "server_error", None, "engine_error")
+    if (row := mapped(exc)) is not None:  # the engine's exceptions: the contract's table
+        return V1Error(row.status, f"{exc}{row.hint}", row.v1_type, getattr(exc, "param", None),
+                       getattr(exc, "code", None) or row.v1_code)
     if isinstance(exc, HTTPException):
         if exc.status_code == 413:
             return V1Error(413, f"the body is larger than MAX_REQUEST_BYTES={settings_max_body}",
@@ -80,9 +78,7 @@ def v1_router(state: QAState) -> Router:
         if name is not None and name != model_id:
             raise V1Error(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
                           "not_found_error", "model", "model_not_found")
-        if not pool.serving():
-            _, health = pool.health()
-            raise EngineDead(f"not ready ({health['status']}): retry when GET / says ready")
+        pool.require_serving()
 
     def count(result: wire.Generated) -> None:
         metrics.questions.inc(len(result.choices))
@@ -145,7 +141,7 @@ def v1_router(state: QAState) -> Router:
     # Litestar picks the most specific class over the app's and the router's tables together: every class of
     # the app's table (service.http.errors) is named here too, so that /v1 errors keep OpenAI's shape.
     handlers: dict[Any, Callable[[Request, Exception], Response[bytes]]] = {
-        cls: lambda _, exc: respond(exc) for cls in (*APP_ERRORS, V1Error, EngineRejected, HTTPException)}
+        cls: lambda _, exc: respond(exc) for cls in (*APP_ERRORS, V1Error, HTTPException)}
     return Router("/v1", route_handlers=[models, completions, chat], guards=[require_key],
                   exception_handlers=handlers)
 
@@ -170,7 +166,7 @@ async def _events(shape: Shape, queue: asyncio.Queue[list[wire.Piece] | None], t
             yield shape.usage_chunk(result)
         count(result)
         log.debug("%s streamed in %.3f s", shape.id, time.perf_counter() - started)
-    except (EngineDead, EngineCallFailed, EngineRejected, EngineUnavailable) as exc:
+    except tuple(row.exc for row in ENGINE_ERRORS) as exc:
         yield sse(to_v1_error(exc).body())
     finally:
         if not task.done():  # the client went away: the call is cancelled in the worker

@@ -14,19 +14,9 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
-from service.contract.sampling import INT64_MAX, LIMITS, Limit
-from service.pipeline.completion import Knobs, Sampling
+from service.contract.sampling import INT64_MAX, LIMITS, V1_LIMITS, Knobs, Sampling, sampling_from
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
-# OpenAI's names of the /predict table's parameters (max_tokens is /predict's max_new_tokens).
-_TABLE = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-          "repetition_penalty": "repetition_penalty", "frequency_penalty": "frequency_penalty"}
-_EXTRA = {
-    "presence_penalty": Limit("presence_penalty", "presence_penalty", float, -2.0, 2.0, note="0: off"),
-    "min_p": Limit("min_p", "min_p", float, 0.0, 1.0, note="0: off"),
-    "seed": Limit("seed", "seed", int, -(2**63), INT64_MAX),
-    "min_tokens": Limit("min_tokens", "min_tokens", int, 0, INT64_MAX),
-}
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -55,7 +45,6 @@ class _Common(Knobs, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Parameters both endpoints take: the sampling knobs (vLLM's extensions included) and these."""
 
     model: str | None = None
-    max_tokens: int | None = None
     stop: str | list[str] | None = None
     n: int | None = None
     stream: bool | None = False
@@ -65,11 +54,7 @@ class _Common(Knobs, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
     def check(self) -> None:
         """Refuse what the engine would reject or the service does not do; the first problem, named."""
-        for name, field in _TABLE.items():
-            value = getattr(self, name)
-            if value is not None and not LIMITS[field].contains(value):
-                raise bad(name, f"{name}={value!r}: allowed {LIMITS[field].allowed()}")
-        for name, limit in _EXTRA.items():
+        for name, limit in V1_LIMITS.items():
             value = getattr(self, name)
             if value is not None and not limit.contains(value):
                 raise bad(name, f"{name}={value!r}: allowed {limit.allowed()}")
@@ -88,8 +73,8 @@ class _Common(Knobs, frozen=True, kw_only=True, forbid_unknown_fields=True):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> Sampling:
-        return Sampling(**self.knobs(), max_tokens=max_tokens, stop=self.stops(), logprobs=logprobs,
-                        prompt_logprobs=prompt_logprobs)
+        return sampling_from(self, lambda row: row.v1, max_tokens=max_tokens, stop=self.stops(), logprobs=logprobs,
+                             prompt_logprobs=prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
