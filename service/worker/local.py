@@ -6,7 +6,6 @@ from typing import Any
 
 from service.contract import wire
 from service.contract.errors import EngineDead, EngineRejected
-from service.contract.wire import EngineStats
 from service.pipeline.routing import Routed
 from service.settings import Settings
 from service.worker.backends.base import Engine
@@ -27,25 +26,6 @@ class LocalEngineClient:
     def name(self) -> str:
         return self.engine.name
 
-    @property
-    def notice(self) -> str | None:
-        return self.engine.notice
-
-    @property
-    def stats(self) -> EngineStats:
-        return self.engine.stats
-
-    @property
-    def init_seconds(self) -> float | None:
-        return self.engine.init_seconds
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    def check(self) -> None:
-        self.engine.check()
-
     async def start(self) -> None:
         from service.worker.answer import Answerer
         from service.worker.completer import Completer
@@ -59,27 +39,26 @@ class LocalEngineClient:
         self.system_prompt = self.answerer.system_prompt
         self.chat_format = "fast" if self.answerer.planner.formatter.fast else "template"
 
-    def alive(self) -> str | None:
-        return self.engine.alive()
+    def _require_started(self) -> None:
+        """The worker's one readiness check: EngineDead until ``start`` built the answerer and the completer."""
+        if self.answerer is None or self.completer is None:
+            raise EngineDead("the engine is not started")
 
     async def answer(self, call: wire.Ask) -> wire.Answers:
         """A ``/predict`` call, routed as the API process decided."""
-        if self.answerer is None:
-            raise EngineDead("the engine is not started")
+        self._require_started()
         return await self.answerer.answer(call.questions, call.sampling, Routed(call.routes, call.budgets))
 
     async def complete(self, call: wire.Generate, emit: Any) -> wire.Generated:
         """A ``/v1`` call: raw generation (``service.worker.completer``); ``emit`` gets streamed pieces."""
-        if self.completer is None:
-            raise EngineDead("the engine is not started")
+        self._require_started()
         if not hasattr(self.engine, "stream"):
             raise EngineRejected(f"the OpenAI-compatible API needs the vLLM backend; this worker runs {self.name} "
                                  "(USE_VLLM=false or its fallback)", None, "unsupported_backend")
         return await self.completer.complete(call, emit)
 
     async def set_system_prompt(self, text: str) -> None:
-        if self.answerer is None:
-            raise EngineDead("not ready: the system prompt can be replaced once the engine is up")
+        self._require_started()
         self.answerer.set_system_prompt(text)
         self._describe()
 

@@ -48,13 +48,13 @@ async def _watch(client: LocalEngineClient, writer: asyncio.StreamWriter, dead: 
     """Push the engine's stats when they change; resolve ``dead`` with the reason once the engine has died."""
     last = None
     while True:
-        frame = wire.Stats.of(client.stats)
+        frame = wire.Stats.of(client.engine.stats)
         if frame != last:
             wire.send(writer, frame)
             last = frame
         for call in progress.pending_frames():  # per-call progress, at most once per STATS_EVERY
             wire.send(writer, call)
-        if not dead.done() and (problem := client.alive()) is not None:
+        if not dead.done() and (problem := client.engine.alive()) is not None:
             dead.set_result(problem)
         await asyncio.sleep(STATS_EVERY)
 
@@ -152,7 +152,7 @@ async def serve(client: LocalEngineClient, sock: socket.socket, faults: Faults =
             await writer.drain()
             return 1
         freeze_heap("engine worker")  # before the first request, as vLLM's own server does
-        wire.send(writer, wire.Ready(client.init_seconds, client.max_model_len, client.chat_format,
+        wire.send(writer, wire.Ready(client.engine.init_seconds, client.engine.max_model_len, client.chat_format,
                                      client.system_prompt))
         dead: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         background.append(asyncio.create_task(_watch(client, writer, dead)))
