@@ -51,7 +51,6 @@ class SettingsError(ValueError):
         super().__init__("invalid settings:\n  " + "\n  ".join(problems))
 
 
-
 def var(parse: Callable[[str], Any], doc: str, *, secret: bool = False) -> Any:
     """A settings field read from the variable of the same name in upper case."""
     return field(repr=not secret, metadata={"parse": parse, "doc": doc, "secret": secret})

@@ -34,16 +34,6 @@ VLLM_HINT = (
 )
 
 
-
-
-
-
-
-
-
-
-
-
 def rejected_errors() -> tuple[type[Exception], ...]:
     """What vLLM raises for one bad question: ``ValueError`` and its ``VLLMClientError`` (not a ValueError)."""
     try:
