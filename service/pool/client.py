@@ -149,7 +149,8 @@ class ProcessEngineClient:
         )
         child.close()
         self._sock = parent
-        wire.send_sync(parent, wire.Setup(self.settings.to_wire()))  # the worker parses no settings of its own
+        with contextlib.suppress(OSError):  # a worker gone at once: ``check`` reports its exit
+            wire.send_sync(parent, wire.Setup(self.settings.to_wire()))  # the worker parses no settings of its own
 
     def check(self) -> None:
         """Start the worker if needed and wait for it to import the backend (its Hello or its Failure)."""
